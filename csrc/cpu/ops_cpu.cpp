@@ -1,0 +1,104 @@
+// CPU glue: validate, read the per-tensor scalars, pick the kernels for this CPU, run.
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include "adagrad8/rng.h"
+#include "cpu/kernels.h"
+#include "validate.h"
+
+namespace adagrad8::cpu {
+namespace {
+
+struct Kernels {
+  void (*fp32)(const Call&);
+  void (*quantized)(const Call&);
+};
+
+// The widest instruction set that this build has and at::get_cpu_capability() allows
+// (which honours the ATEN_CPU_CAPABILITY environment variable).
+const Kernels& kernels() {
+  static const Kernels chosen = [] {
+    const std::string cap = at::get_cpu_capability();
+#ifdef ADAGRAD8_HAVE_AVX512
+    if (cap == "AVX512") return Kernels{AVX512::step_fp32, AVX512::step_quantized};
+#endif
+#ifdef ADAGRAD8_HAVE_AVX2
+    if (cap == "AVX512" || cap == "AVX2") return Kernels{AVX2::step_fp32, AVX2::step_quantized};
+#endif
+    return Kernels{DEFAULT::step_fp32, DEFAULT::step_quantized};
+  }();
+  return chosen;
+}
+
+Dtype dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return Dtype::kHalf;
+    case at::kBFloat16: return Dtype::kBFloat16;
+    default: return Dtype::kFloat;
+  }
+}
+
+float read_float(const at::Tensor& t) { return *t.const_data_ptr<float>(); }
+
+// The call without its state pointers: per-tensor scalars are read here, once.
+Call make_call(at::TensorList params, at::TensorList grads, at::TensorList steps, const at::Tensor& lr,
+               double lr_decay, double weight_decay, double eps, bool maximize,
+               const std::optional<at::TensorList>& gnorm_scales, bool skip_zeros,
+               const std::optional<at::TensorList>& seeds) {
+  Call call;
+  call.dtype = params.empty() ? Dtype::kFloat : dtype_of(params[0]);
+  call.config = StepConfig{static_cast<float>(weight_decay), static_cast<float>(eps), maximize, skip_zeros};
+  call.stochastic = seeds.has_value();
+  const float lr_value = read_float(lr);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const float step = read_float(steps[i]);
+    Item it{};
+    it.param = params[i].data_ptr();
+    it.grad = grads[i].const_data_ptr();
+    it.numel = params[i].numel();
+    it.block = it.numel > 0 ? it.numel : 1;
+    it.clr = decayed_lr(lr_value, step, lr_decay);
+    it.gnorm_scale = gnorm_scales.has_value() ? read_float((*gnorm_scales)[i]) : 1.0f;
+    it.stream = seeds.has_value() ? stream_key(*(*seeds)[i].const_data_ptr<int64_t>(), static_cast<int64_t>(step)) : 0;
+    call.items.push_back(it);
+  }
+  return call;
+}
+
+void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
+              const at::Tensor& lr, double lr_decay, double weight_decay, double eps, bool maximize,
+              std::optional<at::TensorList> gnorm_scales, bool skip_zeros) {
+  check_step(params, grads, state_sums, steps, lr, lr_decay, weight_decay, eps, gnorm_scales);
+  Call call = make_call(params, grads, steps, lr, lr_decay, weight_decay, eps, maximize, gnorm_scales, skip_zeros,
+                        std::nullopt);
+  for (size_t i = 0; i < params.size(); ++i) call.items[i].sum = state_sums[i].data_ptr<float>();
+  kernels().fp32(call);
+}
+
+void step_quantized_cpu(at::TensorList params, at::TensorList grads, at::TensorList codes, at::TensorList absmax,
+                        const at::Tensor& qmap, at::TensorList steps, const at::Tensor& lr, double lr_decay,
+                        double weight_decay, double eps, bool maximize, std::optional<at::TensorList> gnorm_scales,
+                        bool skip_zeros, int64_t block_size, std::optional<at::TensorList> seeds) {
+  check_step_quantized(params, grads, codes, absmax, qmap, steps, lr, lr_decay, weight_decay, eps, gnorm_scales,
+                       block_size, seeds);
+  Call call = make_call(params, grads, steps, lr, lr_decay, weight_decay, eps, maximize, gnorm_scales, skip_zeros,
+                        seeds);
+  call.qmap = qmap.const_data_ptr<float>();
+  for (size_t i = 0; i < params.size(); ++i) {
+    Item& it = call.items[i];
+    it.codes = codes[i].data_ptr<uint8_t>();
+    it.absmax = absmax[i].data_ptr<float>();
+    if (block_size > 0) it.block = block_size;
+  }
+  kernels().quantized(call);
+}
+
+}  // namespace
+}  // namespace adagrad8::cpu
+
+// CPU kernels for both overloads.
+TORCH_LIBRARY_IMPL(adagrad8, CPU, m) {
+  m.impl("step", &adagrad8::cpu::step_cpu);
+  m.impl("step.quantized", &adagrad8::cpu::step_quantized_cpu);
+}

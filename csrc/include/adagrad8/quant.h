@@ -1,0 +1,58 @@
+// 8-bit state: dequantize, block scale, and the two rounding modes (ALGORITHM.md §3-§4, §6).
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+
+#include "adagrad8/macros.h"
+
+namespace adagrad8 {
+
+constexpr int kMapSize = 256;
+
+ADAGRAD8_HD float dequantize(uint8_t code, const float* qmap, float absmax) {
+  return qmap[code] * absmax;
+}
+
+// Midpoint between codes i and i + 1 (i < 255).
+ADAGRAD8_HD float midpoint(const float* qmap, int i) { return (qmap[i] + qmap[i + 1]) * 0.5f; }
+
+// What a value contributes to its block's scale: |s|, or 0 for NaN/Inf so that one bad
+// element cannot wipe its block-mates' history (§6).
+ADAGRAD8_HD float scale_candidate(float s) {
+  const float a = fabsf(s);
+  return a <= FLT_MAX ? a : 0.0f;
+}
+
+// Value to encode: s relative to the block's new scale. An all-zero block (scale 0) encodes
+// its zeros as the code of 0.0; a non-finite value passes through and saturates below.
+ADAGRAD8_HD float normalize(float s, float absmax) { return absmax > 0.0f ? s / absmax : s; }
+
+// Round to nearest. mid holds the 255 midpoints; the code is the number of midpoints below
+// x, and an x exactly on a midpoint goes to the even code. NaN and +Inf give 255.
+ADAGRAD8_HD uint8_t quantize_nearest(float x, const float* mid) {
+  if (x != x) return 255;
+  int i = 0;
+  for (int step = 128; step > 0; step >>= 1) {
+    if (mid[i + step - 1] < x) i += step;
+  }
+  if (i < 255 && x == mid[i] && (i & 1)) ++i;
+  return static_cast<uint8_t>(i);
+}
+
+// Stochastic rounding between the two codes around x: up with probability
+// (x - below) / (above - below), decided by the uniform number u in [0, 1).
+ADAGRAD8_HD uint8_t quantize_stochastic(float x, const float* qmap, float u) {
+  if (x != x) return 255;
+  int lo = 0;  // number of qmap[1..255] that are <= x, capped at 254
+  for (int step = 128; step > 0; step >>= 1) {
+    if (qmap[lo + step] <= x) lo += step;
+  }
+  if (lo > 254) lo = 254;
+  const float below = qmap[lo];
+  const float frac = (x - below) / (qmap[lo + 1] - below);
+  return static_cast<uint8_t>(u < frac ? lo + 1 : lo);
+}
+
+}  // namespace adagrad8

@@ -1,0 +1,160 @@
+#include "validate.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdio>
+#include <string>
+
+namespace adagrad8 {
+namespace {
+
+// torch-style dtype names ("float32"), as Python prints them without the "torch." prefix.
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kByte: return "uint8";
+    case at::kChar: return "int8";
+    case at::kShort: return "int16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
+std::string shape_str(at::IntArrayRef s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+std::string num_str(double v) {  // "%g", as Python's f"{v:g}"
+  if (std::isnan(v)) return "nan";
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+
+std::string at_index(const char* name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
+
+void check_lengths(const char* name, size_t n, size_t expected) {
+  TORCH_CHECK_VALUE(n == expected, name, " has ", n, " tensors but params has ", expected);
+}
+
+void check_device(const std::string& name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " is on ", t.device().str(),
+                    " but params[0] is on ", ref.device().str());
+}
+
+// A 0-dim or one-element tensor of the given dtype.
+void check_scalar(const std::string& name, const at::Tensor& t, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype && t.numel() == 1, name, " must be a ", dtype_name(dtype),
+                    " tensor with one element, got ", dtype_name(t.scalar_type()), " with ", t.numel(),
+                    " elements");
+}
+
+void check_hyper(const char* name, double v) {
+  TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0.0, name, " must be finite and >= 0, got ", num_str(v));
+}
+
+// state tensor i has the param's shape, the given dtype, and is contiguous.
+void check_like_param(const std::string& name, const at::Tensor& t, const at::Tensor& p, size_t i,
+                      at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, name, " is sparse; only dense tensors are supported");
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, " has dtype ", dtype_name(t.scalar_type()),
+                    " but must be ", dtype_name(dtype));
+  TORCH_CHECK_VALUE(t.sizes() == p.sizes(), name, " has shape ", shape_str(t.sizes()), " but params[", i,
+                    "] has shape ", shape_str(p.sizes()));
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_optional_scalars(const char* name, const std::optional<at::TensorList>& list, size_t n,
+                            const at::Tensor& ref, at::ScalarType dtype) {
+  if (!list.has_value()) return;
+  check_lengths(name, list->size(), n);
+  for (size_t i = 0; i < n; ++i) {
+    check_device(at_index(name, i), (*list)[i], ref);
+    check_scalar(at_index(name, i), (*list)[i], dtype);
+  }
+}
+
+}  // namespace
+
+int64_t scale_count(int64_t numel, int64_t block_size) {
+  return block_size == 0 ? 1 : (numel + block_size - 1) / block_size;
+}
+
+void check_common(at::TensorList params, at::TensorList grads, const char* state_name,
+                  at::TensorList state, at::TensorList steps, const at::Tensor& lr, double lr_decay,
+                  double weight_decay, double eps, const std::optional<at::TensorList>& gnorm_scales) {
+  const size_t n = params.size();
+  check_lengths("grads", grads.size(), n);
+  check_lengths(state_name, state.size(), n);
+  check_lengths("steps", steps.size(), n);
+  check_scalar("lr", lr, at::kFloat);
+  check_hyper("lr_decay", lr_decay);
+  check_hyper("weight_decay", weight_decay);
+  check_hyper("eps", eps);
+  if (n == 0) return;
+  const at::Tensor& p0 = params[0];
+  check_device("lr", lr, p0);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const std::string pname = at_index("params", i);
+    check_device(pname, p, p0);
+    TORCH_CHECK_VALUE(p.layout() == at::kStrided, pname, " is sparse; only dense tensors are supported");
+    const auto dt = p.scalar_type();
+    TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, pname, " has dtype ",
+                      dtype_name(dt), " but must be float32, float16 or bfloat16");
+    TORCH_CHECK_VALUE(dt == p0.scalar_type(), pname, " has dtype ", dtype_name(dt), " but params[0] has dtype ",
+                      dtype_name(p0.scalar_type()));
+    TORCH_CHECK_VALUE(p.is_contiguous(), pname, " must be contiguous");
+    check_device(at_index("grads", i), grads[i], p0);
+    check_like_param(at_index("grads", i), grads[i], p, i, dt);
+    check_device(at_index(state_name, i), state[i], p0);
+    check_device(at_index("steps", i), steps[i], p0);
+    check_scalar(at_index("steps", i), steps[i], at::kFloat);
+  }
+  check_optional_scalars("gnorm_scales", gnorm_scales, n, p0, at::kFloat);
+}
+
+void check_step(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
+                const at::Tensor& lr, double lr_decay, double weight_decay, double eps,
+                const std::optional<at::TensorList>& gnorm_scales) {
+  check_common(params, grads, "state_sums", state_sums, steps, lr, lr_decay, weight_decay, eps, gnorm_scales);
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_like_param(at_index("state_sums", i), state_sums[i], params[i], i, at::kFloat);
+  }
+}
+
+void check_step_quantized(at::TensorList params, at::TensorList grads, at::TensorList codes, at::TensorList absmax,
+                          const at::Tensor& qmap, at::TensorList steps, const at::Tensor& lr, double lr_decay,
+                          double weight_decay, double eps, const std::optional<at::TensorList>& gnorm_scales,
+                          int64_t block_size, const std::optional<at::TensorList>& seeds) {
+  check_common(params, grads, "codes", codes, steps, lr, lr_decay, weight_decay, eps, gnorm_scales);
+  const size_t n = params.size();
+  check_lengths("absmax", absmax.size(), n);
+  TORCH_CHECK_VALUE(block_size >= 0, "block_size must be >= 1, or 0 for one block per tensor, got ", block_size);
+  TORCH_CHECK_VALUE(qmap.scalar_type() == at::kFloat && qmap.numel() == 256 && qmap.is_contiguous(),
+                    "qmap must be a contiguous float32 tensor of 256 elements, got ", dtype_name(qmap.scalar_type()),
+                    " with ", qmap.numel(), " elements");
+  if (n == 0) return;
+  check_device("qmap", qmap, params[0]);
+  for (size_t i = 0; i < n; ++i) {
+    check_like_param(at_index("codes", i), codes[i], params[i], i, at::kByte);
+    const std::string aname = at_index("absmax", i);
+    check_device(aname, absmax[i], params[0]);
+    const int64_t need = scale_count(params[i].numel(), block_size);
+    TORCH_CHECK_VALUE(absmax[i].scalar_type() == at::kFloat && absmax[i].is_contiguous(), aname,
+                      " must be a contiguous float32 tensor");
+    TORCH_CHECK_VALUE(absmax[i].numel() == need, aname, " has ", absmax[i].numel(), " elements but params[", i,
+                      "] needs ", need, " for block_size ", block_size);
+  }
+  check_optional_scalars("seeds", seeds, n, params[0], at::kLong);
+}
+
+}  // namespace adagrad8

@@ -1,0 +1,35 @@
+// Input checks shared by every backend of adagrad8::step / step.quantized.
+//
+// torch_adagrad8/_ops.py repeats each check with the same message for the fake kernel;
+// tests/test_bad_input.py holds the two together.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/OptionalArrayRef.h>
+
+#include <optional>
+
+namespace adagrad8 {
+
+// Checks that both overloads share. `state_name`/`state` is state_sums or codes.
+void check_common(at::TensorList params, at::TensorList grads, const char* state_name,
+                  at::TensorList state, at::TensorList steps, const at::Tensor& lr,
+                  double lr_decay, double weight_decay, double eps,
+                  const std::optional<at::TensorList>& gnorm_scales);
+
+void check_step(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                at::TensorList steps, const at::Tensor& lr, double lr_decay,
+                double weight_decay, double eps,
+                const std::optional<at::TensorList>& gnorm_scales);
+
+void check_step_quantized(at::TensorList params, at::TensorList grads, at::TensorList codes,
+                          at::TensorList absmax, const at::Tensor& qmap, at::TensorList steps,
+                          const at::Tensor& lr, double lr_decay, double weight_decay,
+                          double eps, const std::optional<at::TensorList>& gnorm_scales,
+                          int64_t block_size, const std::optional<at::TensorList>& seeds);
+
+// Number of scales params of `numel` elements has with `block_size` (0: one per tensor).
+int64_t scale_count(int64_t numel, int64_t block_size);
+
+}  // namespace adagrad8
