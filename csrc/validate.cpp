@@ -22,6 +22,9 @@ std::string dtype_name(at::ScalarType t) {
     case at::kInt: return "int32";
     case at::kLong: return "int64";
     case at::kBool: return "bool";
+    case at::kComplexHalf: return "complex32";
+    case at::kComplexFloat: return "complex64";
+    case at::kComplexDouble: return "complex128";
     default: return c10::toString(t);
   }
 }

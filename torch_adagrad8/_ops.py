@@ -1,8 +1,77 @@
-"""Loads the compiled adagrad8 library."""
+"""The adagrad8 custom ops: loads the compiled library, registers the fake kernels, and
+offers typed wrappers.
+
+Schemas live in csrc/ops.cpp. The fake kernels only validate (the ops return nothing and
+mutate their inputs in place); they raise exactly what the C++ kernels raise.
+"""
+
+from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
+from torch import Tensor
 
-_LIB = next(Path(__file__).parent.glob("*adagrad8*.so"))
-torch.ops.load_library(str(_LIB))
+from torch_adagrad8 import _checks, reference
+
+_LIBRARY = next(Path(__file__).parent.glob("*adagrad8*.so"), None)
+if _LIBRARY is None:
+    raise ImportError(
+        f"torch_adagrad8's compiled library is missing from {Path(__file__).parent}; "
+        "install the package with `pip install --no-build-isolation .`"
+    )
+torch.ops.load_library(str(_LIBRARY))
+
+from torch_adagrad8 import _build_info  # noqa: E402  (written by CMake next to the library)
+
+STEP = "adagrad8::step"
+STEP_QUANTIZED = "adagrad8::step.quantized"
+
+
+@torch.library.register_fake(STEP)
+def _step_fake(params, grads, state_sums, steps, lr, lr_decay, weight_decay, eps, maximize,
+               gnorm_scales=None, skip_zeros=False):
+    _checks.check_step(params, grads, state_sums, steps, lr, lr_decay, weight_decay, eps, gnorm_scales)
+
+
+@torch.library.register_fake(STEP_QUANTIZED)
+def _step_quantized_fake(params, grads, codes, absmax, qmap, steps, lr, lr_decay, weight_decay, eps, maximize,
+                         gnorm_scales=None, skip_zeros=False, block_size=256, seeds=None):
+    _checks.check_step_quantized(params, grads, codes, absmax, qmap, steps, lr, lr_decay, weight_decay, eps,
+                                 gnorm_scales, block_size, seeds)
+
+
+# Devices without a native kernel run reference.py (CUDA too, when built without it).
+_DEVICE_KEYS = {"cuda": "CUDA", "xpu": "XPU", "mps": "MPS"}
+REFERENCE_DEVICES = tuple(
+    device for device, key in _DEVICE_KEYS.items()
+    if not (device == "cuda" and _build_info.WITH_CUDA)
+)
+for _op, _impl in ((STEP, reference.step), (STEP_QUANTIZED, reference.step_quantized)):
+    torch.library.register_kernel(_op, REFERENCE_DEVICES, _impl)
+
+
+def step(params: Sequence[Tensor], grads: Sequence[Tensor], state_sums: Sequence[Tensor],
+         steps: Sequence[Tensor], lr: Tensor, lr_decay: float = 0.0, weight_decay: float = 0.0,
+         eps: float = 1e-10, maximize: bool = False, gnorm_scales: Optional[Sequence[Tensor]] = None,
+         skip_zeros: bool = False) -> None:
+    """One Adagrad step with float32 state (`adagrad8::step`), in place on params and state_sums.
+
+    steps are the per-tensor step counts, already incremented (1 on the first step).
+    """
+    torch.ops.adagrad8.step.default(params, grads, state_sums, steps, lr, lr_decay, weight_decay, eps, maximize,
+                                    gnorm_scales, skip_zeros)
+
+
+def step_quantized(params: Sequence[Tensor], grads: Sequence[Tensor], codes: Sequence[Tensor],
+                   absmax: Sequence[Tensor], qmap: Tensor, steps: Sequence[Tensor], lr: Tensor,
+                   lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10, maximize: bool = False,
+                   gnorm_scales: Optional[Sequence[Tensor]] = None, skip_zeros: bool = False,
+                   block_size: int = 256, seeds: Optional[Sequence[Tensor]] = None) -> None:
+    """One Adagrad step with 8-bit state (`adagrad8::step.quantized`), in place on params, codes, absmax.
+
+    block_size 0 keeps one scale per tensor. seeds (one int64 per tensor) turns on stochastic rounding.
+    """
+    torch.ops.adagrad8.step.quantized(params, grads, codes, absmax, qmap, steps, lr, lr_decay, weight_decay, eps,
+                                      maximize, gnorm_scales, skip_zeros, block_size, seeds)

@@ -1,0 +1,184 @@
+"""CPU kernels against reference.py (bit for bit) and against torch.optim.Adagrad."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import DTYPES, KINDS, Case, assert_same, make_case, reference_impl
+from torch_adagrad8 import _ops, qmap as Q
+
+SIZES = [(1,), (255,), (256,), (257,), (4096,), (100_003,), [(3, 5), (1,), (700,), (64, 65), (0,), (33,)]]
+
+
+def check_against_reference(case):
+    ref = case.clone().run(reference_impl(case.kind))
+    native = case.clone().run()
+    assert_same(native, ref)
+    return native
+
+
+@pytest.mark.parametrize("sizes", SIZES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_reference(sizes, dtype, kind):
+    check_against_reference(make_case(sizes, dtype, kind, seed=len(str(sizes))))
+
+
+OPTIONS = [
+    dict(weight_decay=0.1),
+    dict(lr_decay=0.01),
+    dict(maximize=True),
+    dict(skip_zeros=True),
+    dict(gnorm=True),
+    dict(weight_decay=0.1, lr_decay=0.05, maximize=True, skip_zeros=True, gnorm=True),
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_options_match_reference(options, dtype, kind):
+    check_against_reference(make_case([(4099,), (31,)], dtype, kind, **options))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("block_size", [1, 7, 64, 256, 2048, 40_000, 0])
+def test_block_sizes_and_rounding(block_size, stochastic, signed):
+    # 40_000 and 0 (tensor-wise) take the kernel's split-block path for the 100_003-element tensor.
+    kind = "tensorwise" if block_size == 0 else "blockwise"
+    case = make_case([(100_003,), (513,)], torch.float32, kind, block_size=block_size or 256,
+                     stochastic=stochastic, signed=signed, weight_decay=0.01)
+    check_against_reference(case)
+
+
+def test_many_steps_stay_identical():
+    """50 chained steps: the 8-bit state re-encoded each step never drifts from the reference."""
+    for kind, stochastic in (("fp32", False), ("blockwise", False), ("blockwise", True), ("tensorwise", False)):
+        native = make_case([(5000,), (300,)], torch.bfloat16, kind, stochastic=stochastic, lr_decay=0.01)
+        ref = native.clone()
+        for t in range(50):
+            gen = torch.Generator().manual_seed(t)
+            fresh = [torch.randn(g.shape, generator=gen).to(g.dtype) for g in native.args[1]]
+            for case in (native, ref):
+                for g, f in zip(case.args[1], fresh):
+                    g.copy_(f)
+                for s in case.args[3 if kind == "fp32" else 5]:
+                    s.add_(1)
+            native.run()
+            ref.run(reference_impl(kind))
+        assert_same(native, ref)
+
+
+def test_non_finite_gradient_stays_in_its_element():
+    """ALGORITHM.md §6: a NaN/Inf gradient ruins only its own element; the block scale ignores it."""
+    for kind in KINDS:
+        for bad in (float("nan"), float("inf")):
+            clean = make_case([(1000,)], torch.float32, kind, seed=5)
+            dirty = clean.clone()
+            dirty.args[1][0][300] = bad
+            clean.run()
+            dirty.run()
+            check_against_reference_args = make_case([(1000,)], torch.float32, kind, seed=5)
+            check_against_reference_args.args[1][0][300] = bad
+            check_against_reference(check_against_reference_args)
+            p_clean, p_dirty = clean.args[0][0], dirty.args[0][0]
+            others = torch.ones(1000, dtype=torch.bool)
+            others[300] = False
+            assert torch.isfinite(p_dirty[others]).all()
+            if kind == "fp32":
+                assert torch.equal(p_clean[others], p_dirty[others])
+                assert torch.equal(clean.args[2][0][others], dirty.args[2][0][others])
+            else:
+                # block-mates of element 300 see the same scale (non-finite values do not count)
+                assert torch.equal(clean.args[3][0], dirty.args[3][0])
+                assert torch.equal(clean.args[2][0][others], dirty.args[2][0][others])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_thread_count_does_not_change_results(kind):
+    case = make_case([(300_001,), (70_000,), (5,)], torch.bfloat16, kind, stochastic=kind != "fp32",
+                     block_size=512)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = case.clone().run()
+        torch.set_num_threads(2)
+        two = case.clone().run()
+    finally:
+        torch.set_num_threads(old)
+    assert_same(one, two)
+
+
+_CAPABILITY_SCRIPT = """
+import sys, torch
+import torch_adagrad8
+cases = torch.load(sys.argv[1], weights_only=False)
+for kind, args, kwargs in cases:
+    op = torch.ops.adagrad8.step.default if kind == "fp32" else torch.ops.adagrad8.step.quantized
+    op(*args, **kwargs)
+torch.save(cases, sys.argv[2])
+"""
+
+
+def test_instruction_sets_give_identical_bits(tmp_path):
+    """The AVX512, AVX2 and scalar builds of the CPU kernels agree bit for bit.
+
+    Inputs are made here and shipped to each subprocess: torch's own random generators give
+    different bits under different ATEN_CPU_CAPABILITY settings.
+    """
+    cases = [
+        make_case([(100_003,), (77,)], dtype, kind, stochastic=kind == "blockwise", skip_zeros=True, weight_decay=0.1)
+        for kind in KINDS
+        for dtype in DTYPES
+    ]
+    torch.save([(c.kind, c.args, c.kwargs) for c in cases], tmp_path / "in.pt")
+    results = {}
+    for cap in ("default", "avx2", "avx512"):
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
+        out = tmp_path / f"{cap}.pt"
+        subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT, str(tmp_path / "in.pt"), str(out)],
+                       check=True, env=env, cwd=tmp_path)
+        results[cap] = [Case(kind, args, kwargs) for kind, args, kwargs in torch.load(out, weights_only=False)]
+    for cap in ("avx2", "avx512"):
+        for a, b in zip(results["default"], results[cap]):
+            assert_same(a, b)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(lr_decay=0.02), dict(weight_decay=0.05), dict(maximize=True), dict(initial_accumulator_value=0.3),
+     dict(lr_decay=0.02, weight_decay=0.05, maximize=True, initial_accumulator_value=0.3)],
+    ids=str,
+)
+def test_fp32_state_matches_torch_adagrad(options, fused):
+    """50 steps of adagrad8::step against torch.optim.Adagrad: relative error <= 1e-6."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(64, 33), (1000,), (7,)]
+    ours = [torch.randn(s, generator=gen) for s in shapes]
+    theirs = [p.clone().requires_grad_() for p in ours]
+    init = options.get("initial_accumulator_value", 0.0)
+    sums = [torch.full_like(p, init) for p in ours]
+    steps = [torch.tensor(0.0) for _ in ours]
+    lr = 0.05
+    opt = torch.optim.Adagrad(theirs, lr=lr, eps=1e-10, fused=fused, foreach=False if not fused else None, **options)
+    for _ in range(50):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for p, g in zip(theirs, grads):
+            p.grad = g.clone()
+        opt.step()
+        for s in steps:
+            s.add_(1)
+        _ops.step(ours, grads, sums, steps, torch.tensor(lr), options.get("lr_decay", 0.0),
+                  options.get("weight_decay", 0.0), 1e-10, options.get("maximize", False))
+    for p, q in zip(ours, theirs):
+        delta = (q.detach() - p).norm() / q.detach().norm()
+        assert delta <= 1e-6, delta
+    for s, q in zip(sums, theirs):
+        torch.testing.assert_close(s, opt.state[q]["sum"], rtol=1e-6, atol=0)
