@@ -55,9 +55,8 @@ void check_device(const std::string& name, const at::Tensor& t, const at::Tensor
 
 // A 0-dim or one-element tensor of the given dtype.
 void check_scalar(const std::string& name, const at::Tensor& t, at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(t.scalar_type() == dtype && t.numel() == 1, name, " must be a ", dtype_name(dtype),
-                    " tensor with one element, got ", dtype_name(t.scalar_type()), " with ", t.numel(),
-                    " elements");
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype && t.numel() == 1, name, " must hold one ", dtype_name(dtype),
+                    " value, got ", dtype_name(t.scalar_type()), " with ", t.numel(), " elements");
 }
 
 void check_hyper(const char* name, double v) {

@@ -42,7 +42,7 @@ def _device(name: str, t: Tensor, ref: Tensor) -> None:
 def _scalar(name: str, t: Tensor, dtype: torch.dtype) -> None:
     _check(
         t.dtype == dtype and t.numel() == 1,
-        f"{name} must be a {_name(dtype)} tensor with one element, got {_name(t.dtype)} with {t.numel()} elements",
+        f"{name} must hold one {_name(dtype)} value, got {_name(t.dtype)} with {t.numel()} elements",
     )
 
 

@@ -102,3 +102,9 @@ TORCH_LIBRARY_IMPL(adagrad8, CPU, m) {
   m.impl("step", &adagrad8::cpu::step_cpu);
   m.impl("step.quantized", &adagrad8::cpu::step_quantized_cpu);
 }
+
+// Sparse CPU tensors reach the same entry points, whose checks name the sparse argument.
+TORCH_LIBRARY_IMPL(adagrad8, SparseCPU, m) {
+  m.impl("step", &adagrad8::cpu::step_cpu);
+  m.impl("step.quantized", &adagrad8::cpu::step_quantized_cpu);
+}

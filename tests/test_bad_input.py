@@ -1,0 +1,149 @@
+"""Bad input: a clear ValueError naming the argument, raised before anything is written, with
+the same message from the C++ kernel (eager), the fake kernel (torch.compile) and reference.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import Case, make_case, reference_impl
+
+
+def _set(index, fn):
+    """Mutator replacing positional argument `index` by fn(old)."""
+    def mutate(case: Case):
+        args = list(case.args)
+        args[index] = fn(args[index])
+        case.args = tuple(args)
+    return mutate
+
+
+def _item(index, i, fn):
+    """Mutator replacing element i of the list argument `index` by fn(old)."""
+    def mutate(case: Case):
+        case.args[index][i] = fn(case.args[index][i])
+    return mutate
+
+
+def _kw(key, value):
+    def mutate(case: Case):
+        case.kwargs[key] = value(case.kwargs[key]) if callable(value) else value
+    return mutate
+
+
+def _both(*mutators):
+    def mutate(case: Case):
+        for m in mutators:
+            m(case)
+    return mutate
+
+
+def _noncontiguous(t):
+    return t.repeat_interleave(2)[::2]
+
+
+# (id, state kind, mutator, expected message). Positions: 0 params, 1 grads, 2 state_sums | codes,
+# 3 steps (fp32) | absmax (8-bit), 4 qmap, 5 steps (8-bit).
+CASES = [
+    ("grads-length", "fp32", _set(1, lambda l: l[:1]), "grads has 1 tensors but params has 2"),
+    ("state-length", "fp32", _set(2, lambda l: l + l), "state_sums has 4 tensors but params has 2"),
+    ("steps-length", "fp32", _set(3, lambda l: l[:1]), "steps has 1 tensors but params has 2"),
+    ("lr-dtype", "fp32", _kw("lr", lambda t: t.double()), "lr must hold one float32 value, got float64 with 1 elements"),
+    ("lr-numel", "fp32", _kw("lr", lambda t: t.repeat(2)), "lr must hold one float32 value, got float32 with 2 elements"),
+    ("eps-negative", "fp32", _kw("eps", -1.0), "eps must be finite and >= 0, got -1"),
+    ("weight-decay-nan", "fp32", _kw("weight_decay", float("nan")), "weight_decay must be finite and >= 0, got nan"),
+    ("lr-decay-inf", "blockwise", _kw("lr_decay", float("inf")), "lr_decay must be finite and >= 0, got inf"),
+    ("param-dtype", "fp32", _both(_item(0, 0, lambda t: t.double()), _item(1, 0, lambda t: t.double())),
+     "params[0] has dtype float64 but must be float32, float16 or bfloat16"),
+    ("params-mixed-dtypes", "fp32", _both(_item(0, 1, lambda t: t.bfloat16()), _item(1, 1, lambda t: t.bfloat16())),
+     "params[1] has dtype bfloat16 but params[0] has dtype float32"),
+    ("param-noncontiguous", "fp32", _item(0, 0, _noncontiguous), "params[0] must be contiguous"),
+    ("grad-dtype", "fp32", _item(1, 1, lambda t: t.half()), "grads[1] has dtype float16 but must be float32"),
+    ("grad-shape", "fp32", _item(1, 0, lambda t: t[:-1]), "grads[0] has shape [299] but params[0] has shape [300]"),
+    ("grad-noncontiguous", "blockwise", _item(1, 0, _noncontiguous), "grads[0] must be contiguous"),
+    ("state-dtype", "fp32", _item(2, 1, lambda t: t.half()), "state_sums[1] has dtype float16 but must be float32"),
+    ("state-shape", "fp32", _item(2, 0, lambda t: t.view(3, 100)),
+     "state_sums[0] has shape [3, 100] but params[0] has shape [300]"),
+    ("step-dtype", "fp32", _item(3, 0, lambda t: t.long()), "steps[0] must hold one float32 value, got int64 with 1 elements"),
+    ("gnorm-length", "fp32", _kw("gnorm_scales", [torch.tensor(1.0)]), "gnorm_scales has 1 tensors but params has 2"),
+    ("gnorm-dtype", "blockwise", _kw("gnorm_scales", [torch.tensor(1.0), torch.tensor(1.0).double()]),
+     "gnorm_scales[1] must hold one float32 value, got float64 with 1 elements"),
+    ("codes-dtype", "blockwise", _item(2, 0, lambda t: t.to(torch.int8)), "codes[0] has dtype int8 but must be uint8"),
+    ("codes-shape", "tensorwise", _item(2, 1, lambda t: t[:5]), "codes[1] has shape [5] but params[1] has shape [17]"),
+    ("absmax-length", "blockwise", _set(3, lambda l: l[:1]), "absmax has 1 tensors but params has 2"),
+    ("absmax-count", "blockwise", _item(3, 0, lambda t: t[:1]), "absmax[0] has 1 elements but params[0] needs 2 for block_size 256"),
+    ("absmax-tensorwise-count", "tensorwise", _item(3, 0, lambda t: t.repeat(2)),
+     "absmax[0] has 2 elements but params[0] needs 1 for block_size 0"),
+    ("absmax-dtype", "blockwise", _item(3, 1, lambda t: t.double()), "absmax[1] must be a contiguous float32 tensor"),
+    ("qmap-size", "blockwise", _set(4, lambda t: t[:255]), "qmap must be a contiguous float32 tensor of 256 elements, got float32 with 255 elements"),
+    ("qmap-dtype", "tensorwise", _set(4, lambda t: t.double()), "qmap must be a contiguous float32 tensor of 256 elements, got float64 with 256 elements"),
+    ("block-size", "blockwise", _kw("block_size", -1), "block_size must be >= 1, or 0 for one block per tensor, got -1"),
+    ("seed-dtype", "blockwise", _kw("seeds", [torch.tensor(1.0), torch.tensor(2.0)]),
+     "seeds[0] must hold one int64 value, got float32 with 1 elements"),
+]
+
+
+def _valid(kind):
+    return make_case([(300,), (17,)], torch.float32, kind, gnorm=True)
+
+
+def _snapshot(case):
+    return [t.clone() for t in case.mutable()]
+
+
+def _assert_untouched(case, before):
+    for a, b in zip(case.mutable(), before):
+        assert torch.equal(a, b), "a failed call wrote to its inputs"
+
+
+def _messages(exc):
+    """str() of exc and of every exception it was raised from."""
+    while exc is not None:
+        yield str(exc)
+        exc = exc.__cause__ or exc.__context__
+
+
+@pytest.mark.parametrize("kind,mutate,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_eager_fake_and_reference_agree(kind, mutate, message):
+    case = _valid(kind)
+    mutate(case)
+    before = _snapshot(case)
+    with pytest.raises(ValueError) as eager:
+        case.run()
+    assert str(eager.value) == message
+    _assert_untouched(case, before)
+
+    with pytest.raises(ValueError) as ref:
+        case.run(reference_impl(kind))
+    assert str(ref.value) == message
+    _assert_untouched(case, before)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda args, kwargs: case.overload(*args, **kwargs), fullgraph=True, backend="eager")
+    with pytest.raises(Exception) as traced:
+        compiled(case.args, case.kwargs)
+    assert message in list(_messages(traced.value)) or message in str(traced.value), str(traced.value)
+    _assert_untouched(case, before)
+
+
+def test_sparse_gradient_is_named():
+    case = _valid("fp32")
+    case.args[1][1] = case.args[1][1].to_sparse()
+    before = _snapshot(case)
+    with pytest.raises(ValueError, match=r"^grads\[1\] is sparse; only dense tensors are supported$"):
+        case.run()
+    _assert_untouched(case, before)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "blockwise"])
+def test_device_mismatch_in_the_cpu_kernel(kind):
+    """The C++ kernel names a tensor on another device (redispatched to CPU: this machine has one device)."""
+    case = _valid(kind)
+    case.args[1][1] = torch.empty(17, device="meta")
+    message = "grads[1] is on meta but params[0] is on cpu"
+    with pytest.raises(ValueError) as eager:
+        case.overload.redispatch(torch._C.DispatchKeySet("CPU"), *case.args, **case.kwargs)
+    assert str(eager.value) == message
+    with pytest.raises(ValueError) as fake:
+        case.run()  # a meta tensor routes the call to the fake kernel
+    assert str(fake.value) == message
