@@ -13,6 +13,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 
@@ -161,23 +162,108 @@ float range_max(const Call& call, const Item& it, int64_t begin, int64_t end, fl
   return m;
 }
 
+// ---- quantization on vectors (quant.h and rng.h, lane by lane) ---------------------------
+
+using iVec = at::vec::Vectorized<int32_t>;
+static_assert(iVec::size() == fVec::size());
+
+inline iVec bits_of(const fVec& mask) { return at::vec::cast<int32_t>(mask); }
+
+inline fVec lookup(const float* table, const iVec& index) {
+  return at::vec::gather<sizeof(float)>(table, index);
+}
+
+// Logical shift right of uint32 lanes held in int32.
+inline iVec shift_right(const iVec& v, int k) {
+  return (v >> iVec(k)) & iVec(static_cast<int32_t>(0xffffffffu >> k));
+}
+
+inline iVec mix32_vec(iVec x) {
+  x = x ^ shift_right(x, 16);
+  x = x * iVec(0x7feb352d);
+  x = x ^ shift_right(x, 15);
+  x = x * iVec(static_cast<int32_t>(0x846ca68bu));
+  return x ^ shift_right(x, 16);
+}
+
+// uniform_at for the lanes' indices; span: span_key, the same for every lane.
+inline fVec uniform_vec(uint32_t span, int64_t first) {
+  const iVec index = iVec::arange(static_cast<int32_t>(static_cast<uint32_t>(first)), 1);
+  const iVec bits = mix32_vec(iVec(static_cast<int32_t>(span)) ^ index);
+  return at::vec::convert_to_fp_of_same_size<float>(shift_right(bits, 8)) * fVec(1.0f / 16777216.0f);
+}
+
+// quantize_nearest; mid[255] must be NaN (never equal, never below).
+inline iVec nearest_vec(const fVec& x, const float* mid) {
+  iVec i(0);
+  for (int step = 128; step > 0; step >>= 1) {
+    i = i + (bits_of(lookup(mid, i + iVec(step - 1)) < x) & iVec(step));
+  }
+  i = i + (bits_of(lookup(mid, i) == x) & i & iVec(1));
+  return iVec::blendv(i, iVec(255), bits_of(x.isnan()));
+}
+
+inline iVec stochastic_vec(const fVec& x, const float* qmap, const fVec& u) {
+  iVec lo(0);
+  for (int step = 128; step > 0; step >>= 1) {
+    lo = lo + (bits_of(lookup(qmap, lo + iVec(step)) <= x) & iVec(step));
+  }
+  lo = at::vec::minimum(lo, iVec(254));
+  const fVec below = lookup(qmap, lo);
+  const fVec frac = (x - below) / (lookup(qmap, lo + iVec(1)) - below);
+  lo = lo + (bits_of(u < frac) & iVec(1));
+  return iVec::blendv(lo, iVec(255), bits_of(x.isnan()));
+}
+
+// Codes of the len new accumulator values s of elements [i0, i0 + len) under new_absmax.
+inline void encode(const Call& call, const Item& it, int64_t i0, int64_t len, float new_absmax, const float* mid,
+                   const float* s) {
+  constexpr int64_t V = fVec::size();
+  alignas(64) int32_t lanes[V];
+  int64_t j = 0;
+  for (; j + V <= len; j += V) {
+    const int64_t first = i0 + j;
+    if (call.stochastic && (first >> 32) != ((first + V - 1) >> 32)) break;  // lanes straddle a 2^32 span
+    fVec x = fVec::loadu(s + j);
+    if (new_absmax > 0.0f) x = x / fVec(new_absmax);
+    const iVec code = call.stochastic
+        ? stochastic_vec(x, call.qmap, uniform_vec(span_key(it.stream, first), first))
+        : nearest_vec(x, mid);
+    code.store(lanes);
+    for (int64_t k = 0; k < V; ++k) it.codes[first + k] = static_cast<uint8_t>(lanes[k]);
+  }
+  for (; j < len; ++j) {
+    const int64_t index = i0 + j;
+    const float x = normalize(s[j], new_absmax);
+    it.codes[index] = call.stochastic
+        ? quantize_stochastic(x, call.qmap, uniform_at(span_key(it.stream, index), index))
+        : quantize_nearest(x, mid);
+  }
+}
+
+template <typename T>
+void store_params(T* dst, const float* p, int64_t len) {
+  int64_t j = 0;
+  for (; j + kLane<T> <= len; j += kLane<T>) {
+    fVec v[kParts<T>];
+    for (int k = 0; k < kParts<T>; ++k) v[k] = fVec::loadu(p + j + k * fVec::size());
+    store_float(dst + j, v);
+  }
+  for (; j < len; ++j) dst[j] = static_cast<T>(p[j]);
+}
+
 // Updates parameters over [begin, end) and stores the new accumulator under new_absmax.
 template <typename T>
 void range_write(const Call& call, const Item& it, int64_t begin, int64_t end, float old_absmax,
                  float new_absmax, const float* mid) {
   T* param = static_cast<T*>(it.param);
-  float s[kTile], p[kTile];
+  alignas(64) float s[kTile];
+  alignas(64) float p[kTile];
   for (int64_t i = begin; i < end; i += kTile) {
     const int64_t len = std::min(kTile, end - i);
     tile_update<T>(call, it, i, len, old_absmax, s, p);
-    for (int64_t j = 0; j < len; ++j) {
-      param[i + j] = static_cast<T>(p[j]);
-      const float x = normalize(s[j], new_absmax);
-      const int64_t index = i + j;
-      it.codes[index] = call.stochastic
-          ? quantize_stochastic(x, call.qmap, uniform_at(span_key(it.stream, index), index))
-          : quantize_nearest(x, mid);
-    }
+    store_params<T>(param + i, p, len);
+    encode(call, it, i, len, new_absmax, mid, s);
   }
 }
 
@@ -197,7 +283,7 @@ template <typename T>
 void quantized_typed(const Call& call) {
   float mid[kMapSize];
   for (int i = 0; i < kMapSize - 1; ++i) mid[i] = midpoint(call.qmap, i);
-  mid[kMapSize - 1] = 0.0f;  // never read
+  mid[kMapSize - 1] = std::numeric_limits<float>::quiet_NaN();  // a 256th entry for vector lookups
 
   std::vector<Span> spans;
   std::vector<BigBlock> big;

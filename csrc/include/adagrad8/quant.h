@@ -33,10 +33,8 @@ ADAGRAD8_HD float normalize(float s, float absmax) { return absmax > 0.0f ? s / 
 // x, and an x exactly on a midpoint goes to the even code. NaN and +Inf give 255.
 ADAGRAD8_HD uint8_t quantize_nearest(float x, const float* mid) {
   if (x != x) return 255;
-  int i = 0;
-  for (int step = 128; step > 0; step >>= 1) {
-    if (mid[i + step - 1] < x) i += step;
-  }
+  int i = 0;  // branch-free: which way each comparison goes is unpredictable
+  for (int step = 128; step > 0; step >>= 1) i += (mid[i + step - 1] < x) ? step : 0;
   if (i < 255 && x == mid[i] && (i & 1)) ++i;
   return static_cast<uint8_t>(i);
 }
@@ -46,9 +44,7 @@ ADAGRAD8_HD uint8_t quantize_nearest(float x, const float* mid) {
 ADAGRAD8_HD uint8_t quantize_stochastic(float x, const float* qmap, float u) {
   if (x != x) return 255;
   int lo = 0;  // number of qmap[1..255] that are <= x, capped at 254
-  for (int step = 128; step > 0; step >>= 1) {
-    if (qmap[lo + step] <= x) lo += step;
-  }
+  for (int step = 128; step > 0; step >>= 1) lo += (qmap[lo + step] <= x) ? step : 0;
   if (lo > 254) lo = 254;
   const float below = qmap[lo];
   const float frac = (x - below) / (qmap[lo + 1] - below);
