@@ -13,6 +13,17 @@ from torch_adagrad8 import qmap as Q
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KINDS = ("fp32", "blockwise", "tensorwise")  # state kinds: 32-bit, 8-bit per block, 8-bit per tensor
+# The sizes and option sets every op-level test matrix covers.
+SIZES = [(1,), (255,), (256,), (257,), (4096,), (100_003,), [(3, 5), (1,), (700,), (64, 65), (0,), (33,)]]
+OPTIONS = [
+    dict(weight_decay=0.1),
+    dict(lr_decay=0.01),
+    dict(maximize=True),
+    dict(skip_zeros=True),
+    dict(gnorm=True),
+    dict(weight_decay=0.1, lr_decay=0.05, maximize=True, skip_zeros=True, gnorm=True),
+]
+ROUNDING = [dict(stochastic=True), dict(stochastic=True, signed=True, block_size=64)]  # 8-bit only
 
 
 @dataclass

@@ -33,30 +33,25 @@ def test_native_cuda_kernels_registered_iff_built_with_cuda():
         assert _build_info.CUDA_ARCH_LIST
 
 
-def _to_cuda(case: Case) -> Case:
-    def move(x):
-        if isinstance(x, torch.Tensor):
-            return x.cuda()
-        if isinstance(x, list):
-            return [move(v) for v in x]
-        return x
+def _moved(x, device: str):
+    """x (a tensor, a list of them, or anything else) on device."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, list):
+        return [_moved(v, device) for v in x]
+    return x
 
-    return Case(case.kind, tuple(move(a) for a in case.args), {k: move(v) for k, v in case.kwargs.items()})
+
+def _on(case: Case, device: str) -> Case:
+    return Case(case.kind, tuple(_moved(a, device) for a in case.args),
+                {k: _moved(v, device) for k, v in case.kwargs.items()})
 
 
 def _compare(case: Case) -> None:
     cpu = case.clone().run()
-    gpu = _to_cuda(case).run()
+    gpu = _on(case, "cuda").run()
     torch.cuda.synchronize()
-    assert_same(cpu, Case(gpu.kind, tuple(_cpu(a) for a in gpu.args), gpu.kwargs))
-
-
-def _cpu(x):
-    if isinstance(x, torch.Tensor):
-        return x.cpu()
-    if isinstance(x, list):
-        return [_cpu(v) for v in x]
-    return x
+    assert_same(cpu, _on(gpu, "cpu"))
 
 
 @needs_gpu

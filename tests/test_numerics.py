@@ -9,10 +9,8 @@ import sys
 import pytest
 import torch
 
-from conftest import DTYPES, KINDS, Case, assert_same, make_case, reference_impl
+from conftest import DTYPES, KINDS, OPTIONS, SIZES, Case, assert_same, make_case, reference_impl
 from torch_adagrad8 import _ops, qmap as Q
-
-SIZES = [(1,), (255,), (256,), (257,), (4096,), (100_003,), [(3, 5), (1,), (700,), (64, 65), (0,), (33,)]]
 
 
 def check_against_reference(case):
@@ -28,15 +26,6 @@ def check_against_reference(case):
 def test_matches_reference(sizes, dtype, kind):
     check_against_reference(make_case(sizes, dtype, kind, seed=len(str(sizes))))
 
-
-OPTIONS = [
-    dict(weight_decay=0.1),
-    dict(lr_decay=0.01),
-    dict(maximize=True),
-    dict(skip_zeros=True),
-    dict(gnorm=True),
-    dict(weight_decay=0.1, lr_decay=0.05, maximize=True, skip_zeros=True, gnorm=True),
-]
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=str)
@@ -75,29 +64,24 @@ def test_many_steps_stay_identical():
         assert_same(native, ref)
 
 
-def test_non_finite_gradient_stays_in_its_element():
-    """ALGORITHM.md §6: a NaN/Inf gradient ruins only its own element; the block scale ignores it."""
-    for kind in KINDS:
-        for bad in (float("nan"), float("inf")):
-            clean = make_case([(1000,)], torch.float32, kind, seed=5)
-            dirty = clean.clone()
-            dirty.args[1][0][300] = bad
-            clean.run()
-            dirty.run()
-            check_against_reference_args = make_case([(1000,)], torch.float32, kind, seed=5)
-            check_against_reference_args.args[1][0][300] = bad
-            check_against_reference(check_against_reference_args)
-            p_clean, p_dirty = clean.args[0][0], dirty.args[0][0]
-            others = torch.ones(1000, dtype=torch.bool)
-            others[300] = False
-            assert torch.isfinite(p_dirty[others]).all()
-            if kind == "fp32":
-                assert torch.equal(p_clean[others], p_dirty[others])
-                assert torch.equal(clean.args[2][0][others], dirty.args[2][0][others])
-            else:
-                # block-mates of element 300 see the same scale (non-finite values do not count)
-                assert torch.equal(clean.args[3][0], dirty.args[3][0])
-                assert torch.equal(clean.args[2][0][others], dirty.args[2][0][others])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_finite_gradient_stays_in_its_element(kind, bad):
+    """ALGORITHM.md §6: a NaN/Inf gradient ruins only its own element; block scales ignore it."""
+    clean = make_case([(1000,)], torch.float32, kind, seed=5)
+    dirty = clean.clone()
+    dirty.args[1][0][300] = bad
+    check_against_reference(dirty)
+    clean.run()
+    dirty.run()
+    others = torch.arange(1000) != 300
+    assert torch.isfinite(dirty.args[0][0][others]).all()
+    # Every other element, its state and (8-bit) every scale equal the run with a finite value
+    # there: element 300's clean gradient is small, so it never sets its block's scale here.
+    assert torch.equal(clean.args[0][0][others], dirty.args[0][0][others])
+    assert torch.equal(clean.args[2][0][others], dirty.args[2][0][others])
+    if kind != "fp32":
+        assert torch.equal(clean.args[3][0], dirty.args[3][0])
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -5,31 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DTYPES, KINDS, make_case
+from conftest import DTYPES, KINDS, OPTIONS, ROUNDING, SIZES, make_case
 
 UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static",
          "test_aot_dispatch_dynamic")
-SIZES = [(1,), (255,), (256,), (257,), (4096,), (100_003,), [(3, 5), (1,), (700,), (64, 65), (33,)]]
-OPTIONS = [
-    dict(weight_decay=0.1),
-    dict(lr_decay=0.01),
-    dict(maximize=True),
-    dict(skip_zeros=True),
-    dict(gnorm=True),
-    dict(stochastic=True),
-    dict(stochastic=True, signed=True, block_size=64, weight_decay=0.1, lr_decay=0.01, maximize=True,
-         skip_zeros=True, gnorm=True),
-]
-
 
 def samples():
     for kind in KINDS:
         for dtype in DTYPES:
             for sizes in SIZES:
                 yield pytest.param(kind, dtype, sizes, {}, id=f"{kind}-{dtype}-{sizes}")
-        for options in OPTIONS:
-            if options.get("stochastic") and kind == "fp32":
-                continue  # stochastic rounding is an 8-bit option
+        for options in OPTIONS + (ROUNDING if kind != "fp32" else []):
             yield pytest.param(kind, torch.bfloat16, [(300,), (17,)], options, id=f"{kind}-{options}")
 
 
