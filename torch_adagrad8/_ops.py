@@ -18,8 +18,8 @@ from torch_adagrad8 import _checks, reference
 _LIBRARY = next(Path(__file__).parent.glob("*adagrad8*.so"), None)
 if _LIBRARY is None:
     raise ImportError(
-        f"torch_adagrad8's compiled library is missing from {Path(__file__).parent}; "
-        "install the package with `pip install --no-build-isolation .`"
+        f"torch_adagrad8's compiled library is missing from {Path(__file__).parent}. Install the package "
+        "with `pip install --no-build-isolation .`; if that is the source tree, run from another directory."
     )
 torch.ops.load_library(str(_LIBRARY))
 
