@@ -1,5 +1,7 @@
 """8-bit and 32-bit Adagrad for PyTorch, as torch.compile-native custom ops."""
 
 from torch_adagrad8 import _ops  # noqa: F401  (loads and registers adagrad8::step)
+from torch_adagrad8.manager import GlobalOptimManager
+from torch_adagrad8.optimizer import Adagrad, Adagrad8bit, Adagrad32bit
 
-__all__: list[str] = []
+__all__ = ["Adagrad", "Adagrad8bit", "Adagrad32bit", "GlobalOptimManager"]

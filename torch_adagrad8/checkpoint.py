@@ -1,0 +1,181 @@
+"""State-dict formats (ALGORITHM.md §7): ours, bitsandbytes 0.45 (flat) and 0.49+ (nested),
+and torch.optim.Adagrad's; and the way back to torch.optim.Adagrad.
+
+Loading builds the complete new state first and only then installs it, so a state dict that
+does not fit raises a ValueError and leaves the optimizer as it was.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from torch_adagrad8 import qmap as Q
+
+if TYPE_CHECKING:
+    from torch_adagrad8.optimizer import Adagrad
+
+BNB_NESTED_KEY = "__bnb_optimizer_quant_state__"  # bitsandbytes >= 0.49 wraps its tensors here
+# Group keys taken over from a loaded state dict (everything else keeps this optimizer's value).
+GROUP_KEYS = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps", "maximize", "optim_bits",
+              "min_8bit_size", "percentile_clipping", "block_wise", "max_unorm", "skip_zeros", "qmap",
+              "stochastic_rounding", "block_size")
+TORCH_GROUP_DEFAULTS = dict(foreach=None, differentiable=False, fused=None)
+
+
+def _flat(state: dict) -> dict:
+    """A parameter's state with bitsandbytes' nested quantization state unwrapped."""
+    if BNB_NESTED_KEY not in state:
+        return dict(state)
+    flat = {k: v for k, v in state.items() if k != BNB_NESTED_KEY}
+    flat.update(state[BNB_NESTED_KEY])
+    return flat
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def accumulator(state: dict, p: Tensor) -> Tensor:
+    """A parameter's accumulator as float32 (complex64 for complex parameters), from any format."""
+    s = _flat(state)
+    if "state1" in s and s["state1"].dtype == torch.uint8:
+        block = _block_of(s["absmax1"].numel(), _real(p).numel())
+        values = Q.dequantize(s["state1"], s["absmax1"].float(), s["qmap1"].float(), block)
+        values = values.reshape(_real(p).shape)
+        return torch.view_as_complex(values) if p.is_complex() else values
+    source = s["state1"] if "state1" in s else s["sum"]
+    return source.to(torch.complex64 if p.is_complex() else torch.float32).reshape(p.shape)
+
+
+def _block_of(scales: int, n: int) -> int:
+    """A block size that gives `scales` blocks for n elements (0: one scale for the tensor)."""
+    if scales == 1:
+        return 0
+    block = -(-n // scales)
+    if -(-n // block) != scales:
+        raise ValueError(f"absmax1 has {scales} scales, which no block size gives for {n} elements")
+    return block
+
+
+def _check_param_state(name: str, state: Any, p: Tensor) -> None:
+    if not isinstance(state, dict):
+        raise ValueError(f"state of {name} must be a dict, got {type(state).__name__}")
+    s = _flat(state)
+    if "step" not in s:
+        raise ValueError(f"state of {name} has no 'step'")
+    n = _real(p).numel()
+    if "state1" in s and s["state1"].dtype == torch.uint8:
+        for key in ("absmax1", "qmap1"):
+            if key not in s:
+                raise ValueError(f"state of {name} has 8-bit 'state1' but no '{key}'")
+        if s["state1"].numel() != n:
+            raise ValueError(f"state of {name}: 'state1' has {s['state1'].numel()} elements, the parameter {n}")
+        if s["qmap1"].numel() != Q.MAP_SIZE:
+            raise ValueError(f"state of {name}: 'qmap1' has {s['qmap1'].numel()} values, expected {Q.MAP_SIZE}")
+        _block_of(s["absmax1"].numel(), n)
+        return
+    key = "state1" if "state1" in s else "sum" if "sum" in s else None
+    if key is None:
+        raise ValueError(f"state of {name} has no accumulator ('sum' or 'state1')")
+    if s[key].numel() != p.numel() or (s[key].is_complex() != p.is_complex()):
+        raise ValueError(f"state of {name}: '{key}' has {s[key].numel()} elements of {s[key].dtype}, the parameter "
+                         f"{p.numel()} of {p.dtype}")
+
+
+def _converted(opt: "Adagrad", state: dict, p: Tensor, config: dict, index: int) -> dict:
+    """The loaded state of p in this optimizer's format and kind, on p's device."""
+    s = _flat(state)
+    dev = p.device
+    step = s["step"]
+    new: dict = {"step": (step if isinstance(step, Tensor) else torch.tensor(float(step))).to(dev, torch.float32)
+                 .reshape(())}
+    eight_bit = opt._eight_bit(config, p)
+    block = opt._block(config)
+    loaded_codes = "state1" in s and s["state1"].dtype == torch.uint8
+    if eight_bit and loaded_codes and s["absmax1"].numel() == Q.scale_count(_real(p).numel(), block):
+        # same layout: keep the codes, scales and map bit for bit
+        qmap = s["qmap1"].to(dev, torch.float32)
+        for name in ("unsigned", "signed"):
+            if torch.equal(qmap.cpu(), Q.dynamic_map(signed=name == "signed")):
+                qmap = opt._map_on({**config, "qmap": name}, dev)
+        new["state1"] = s["state1"].to(dev).reshape(_real(p).shape).contiguous()
+        new["absmax1"] = s["absmax1"].to(dev, torch.float32).contiguous()
+        new["qmap1"] = qmap
+    elif eight_bit:
+        qmap = opt._map_on(config, dev)
+        codes, absmax = Q.quantize(_real(accumulator(s, p).to(dev)), qmap, block)
+        new["state1"], new["absmax1"], new["qmap1"] = codes, absmax, qmap
+    else:
+        new["sum"] = accumulator(s, p).to(dev).contiguous()
+    if config["percentile_clipping"] < 100:
+        vec = s.get("gnorm_vec")
+        new["gnorm_vec"] = (vec.to(dev, torch.float32).clone() if vec is not None and vec.numel() == 100
+                            else torch.zeros(100, dtype=torch.float32, device=dev))
+    if config["stochastic_rounding"]:
+        seed = s.get("seed")
+        new["seed"] = (seed.to(dev, torch.int64).reshape(()) if seed is not None
+                       else torch.tensor(opt.seed * 1_000_003 + index, dtype=torch.int64, device=dev))
+    return new
+
+
+def load_state_dict(opt: "Adagrad", state_dict: dict) -> None:
+    """Load any supported format into opt (see the module docstring)."""
+    from torch_adagrad8.optimizer import validate_config
+
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("a state dict needs 'state' and 'param_groups'")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"the state dict has {len(saved_groups)} parameter groups, the optimizer "
+                         f"{len(opt.param_groups)}")
+    new_groups = []
+    for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"parameter group {gi} has {len(saved['params'])} parameters in the state dict and "
+                             f"{len(group['params'])} in the optimizer")
+        merged = {**group, **{k: saved[k] for k in GROUP_KEYS if k in saved}}
+        validate_config(merged)
+        opt._check_bits(merged["optim_bits"])
+        new_groups.append(merged)
+
+    new_state: dict = {}
+    index = 0
+    for gi, (group, saved) in enumerate(zip(new_groups, saved_groups)):
+        for pi, (p, key) in enumerate(zip(group["params"], saved["params"])):
+            index += 1
+            if key not in state_dict["state"]:
+                continue  # never stepped
+            name = opt._name(gi, pi)
+            _check_param_state(name, state_dict["state"][key], p)
+            new_state[p] = _converted(opt, state_dict["state"][key], p, opt.config_of(group, p), index - 1)
+
+    # nothing has failed: install
+    for group, merged in zip(opt.param_groups, new_groups):
+        lr = merged.pop("lr")
+        if isinstance(group["lr"], Tensor) and not isinstance(lr, Tensor):
+            group["lr"].fill_(lr)  # a tensor lr stays the same tensor (compiled steps read it)
+        else:
+            group["lr"] = lr
+        group.update(merged)
+    opt.state.clear()
+    opt.state.update(new_state)
+
+
+def torch_state_dict(opt: "Adagrad") -> dict:
+    """opt's state as torch.optim.Adagrad's state dict (8-bit state dequantized)."""
+    index_of = {}
+    groups = []
+    for group in opt.param_groups:
+        ids = []
+        for p in group["params"]:
+            index_of[p] = len(index_of)
+            ids.append(index_of[p])
+        groups.append({"lr": group["lr"], "lr_decay": group["lr_decay"], "weight_decay": group["weight_decay"],
+                       "initial_accumulator_value": group["initial_accumulator_value"], "eps": group["eps"],
+                       "maximize": group["maximize"], **TORCH_GROUP_DEFAULTS, "params": ids})
+    state = {index_of[p]: {"step": s["step"].detach().clone(), "sum": accumulator(s, p).clone()}
+             for p, s in opt.state.items()}
+    return {"state": state, "param_groups": groups}

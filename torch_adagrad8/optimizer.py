@@ -1,0 +1,334 @@
+"""Adagrad, Adagrad8bit and Adagrad32bit: bitsandbytes' API on the adagrad8 ops.
+
+The optimizers only organise: they keep per-parameter state, group the parameters that have
+a gradient by (param group, device, dtype, state kind, effective config), and make one op call
+per group. All math is in the ops (ALGORITHM.md §2-§5).
+
+State of a parameter (everything a tensor on the parameter's device):
+  step       float32 scalar: steps taken
+  sum        32-bit state: float32 accumulator (complex parameters: complex64, like torch)
+  state1     8-bit state: uint8 codes;  absmax1: float32 scales;  qmap1: float32 map (256)
+  gnorm_vec  float32 (100,): recent squared gradient norms (percentile clipping)
+  seed       int64 scalar: stochastic-rounding seed
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from torch_adagrad8 import _ops, checkpoint, qmap as Q
+from torch_adagrad8.manager import GlobalOptimManager
+
+# Config that bitsandbytes reads from `args` (they override the keyword arguments).
+ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "max_unorm", "skip_zeros")
+_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.complex64)
+_MAPS = {"unsigned": Q.unsigned_map, "signed": Q.signed_map}
+
+
+def _is_nonneg_number(v: Any) -> bool:
+    if isinstance(v, Tensor):
+        return v.numel() == 1 and v.is_floating_point()  # its value is the caller's (no host read)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def validate_config(config: dict) -> None:
+    """ValueError naming the first bad value of a group's (or a parameter's) config."""
+    for key in ("lr", "lr_decay", "weight_decay", "eps", "initial_accumulator_value"):
+        if not _is_nonneg_number(config[key]):
+            raise ValueError(f"Invalid {key}: {config[key]!r} (must be a finite number >= 0)")
+    if config["optim_bits"] not in (8, 32) or isinstance(config["optim_bits"], bool):
+        raise ValueError(f"Invalid optim_bits: {config['optim_bits']!r} (must be 8 or 32)")
+    pc = config["percentile_clipping"]
+    if isinstance(pc, bool) or not isinstance(pc, int) or not 1 <= pc <= 100:
+        raise ValueError(f"Invalid percentile_clipping: {pc!r} (must be an int in [1, 100]; 100 = off)")
+    m8 = config["min_8bit_size"]
+    if isinstance(m8, bool) or not isinstance(m8, int) or m8 < 0:
+        raise ValueError(f"Invalid min_8bit_size: {m8!r} (must be an int >= 0)")
+    bs = config["block_size"]
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise ValueError(f"Invalid block_size: {bs!r} (must be an int >= 1)")
+    if config["max_unorm"] not in (0, 0.0, None):
+        raise ValueError(
+            f"max_unorm={config['max_unorm']!r} is not supported by torch_adagrad8's Adagrad (bitsandbytes "
+            "does not apply it to Adagrad either); use 0"
+        )
+    qm = config["qmap"]
+    if isinstance(qm, Tensor):
+        if qm.dtype != torch.float32 or qm.numel() != Q.MAP_SIZE:
+            raise ValueError(f"Invalid qmap: a tensor qmap must be float32 with {Q.MAP_SIZE} values")
+    elif qm not in _MAPS:
+        raise ValueError(f"Invalid qmap: {qm!r} (must be 'unsigned', 'signed' or a sorted float32 tensor of 256)")
+    for key in ("block_wise", "skip_zeros", "maximize", "stochastic_rounding"):
+        if not isinstance(config[key], bool):
+            raise ValueError(f"Invalid {key}: {config[key]!r} (must be True or False)")
+
+
+class Adagrad(torch.optim.Optimizer):
+    """Adagrad with 32-bit or 8-bit state; bitsandbytes 0.45 signature plus keyword-only extras.
+
+    Extras: maximize; qmap ("unsigned" (default), "signed" = bitsandbytes' map, or a tensor);
+    stochastic_rounding; block_size (elements per 8-bit scale, default 256); skip_zeros; seed
+    (base of the stochastic-rounding seeds).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | Tensor = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        optim_bits: int = 32,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        *,
+        maximize: bool = False,
+        qmap: str | Tensor = "unsigned",
+        stochastic_rounding: bool = False,
+        block_size: int = 256,
+        skip_zeros: bool = False,
+        max_unorm: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        defaults = dict(
+            lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize,
+            optim_bits=optim_bits, min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
+            block_wise=block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros, qmap=qmap,
+            stochastic_rounding=stochastic_rounding, block_size=block_size,
+        )
+        if args is not None:  # bitsandbytes: args' fields replace the keyword arguments
+            for key in ARGS_KEYS:
+                if hasattr(args, key):
+                    defaults[key] = getattr(args, key)
+        validate_config(defaults)
+        self._check_bits(defaults["optim_bits"])
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"Invalid seed: {seed!r} (must be an int)")
+        self.seed = seed
+        self.mng = GlobalOptimManager.get_instance()
+        super().__init__(params, defaults)
+
+    def _check_bits(self, optim_bits: int) -> None:
+        """Adagrad8bit / Adagrad32bit refuse the other width."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            validate_config(group)
+            self._check_bits(group["optim_bits"])
+            for i in range(len(group["params"])):
+                self._check_dtype(len(self.param_groups) - 1, i)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    # ---- configuration -----------------------------------------------------------------
+
+    def _name(self, gi: int, pi: int) -> str:
+        group = self.param_groups[gi]
+        names = group.get("param_names")
+        p = group["params"][pi]
+        where = f"'{names[pi]}'" if names else f"param_groups[{gi}]['params'][{pi}]"
+        return f"parameter {where} (shape {list(p.shape)})"
+
+    def _check_dtype(self, gi: int, pi: int) -> None:
+        p = self.param_groups[gi]["params"][pi]
+        if p.dtype not in _PARAM_DTYPES:
+            raise ValueError(f"{self._name(gi, pi)} has dtype {p.dtype}; torch_adagrad8 steps float32, float16, "
+                             "bfloat16 and complex64 parameters")
+
+    def config_of(self, group: dict, p: Tensor) -> dict:
+        """The group's config with GlobalOptimManager's overrides for p applied."""
+        overrides = self.mng.overrides_for(p)
+        if not overrides:
+            return group
+        config = {**group, **overrides}
+        validate_config(config)
+        return config
+
+    @staticmethod
+    def _eight_bit(config: dict, p: Tensor) -> bool:
+        return config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
+
+    @staticmethod
+    def _block(config: dict) -> int:
+        return config["block_size"] if config["block_wise"] else 0
+
+    # ---- state ---------------------------------------------------------------------------
+
+    def _map_on(self, config: dict, device: torch.device) -> Tensor:
+        """One shared map tensor per (map, device), so parameters can share an op call."""
+        qm = config["qmap"]
+        maps = self.__dict__.setdefault("_maps", {})
+        key = (qm if isinstance(qm, str) else id(qm), device)
+        if key not in maps:
+            maps[key] = (_MAPS[qm]() if isinstance(qm, str) else qm.detach().float()).to(device)
+        return maps[key]
+
+    def _init_state(self, p: Tensor, config: dict, index: int) -> None:
+        state = self.state[p]
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        init = config["initial_accumulator_value"]
+        sums = torch.full(p.shape, init, dtype=torch.complex64 if p.is_complex() else torch.float32,
+                          device=p.device)
+        if self._eight_bit(config, p):
+            qmap = self._map_on(config, p.device)
+            codes, absmax = Q.quantize(_real(sums), qmap, self._block(config))
+            state["state1"], state["absmax1"], state["qmap1"] = codes, absmax, qmap
+        else:
+            state["sum"] = sums
+        if config["percentile_clipping"] < 100:
+            state["gnorm_vec"] = torch.zeros(100, dtype=torch.float32, device=p.device)
+        if config["stochastic_rounding"]:
+            state["seed"] = torch.tensor(self.seed * 1_000_003 + index, dtype=torch.int64, device=p.device)
+
+    # ---- state dicts ---------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads our own format, bitsandbytes' (0.45 flat, 0.49+ nested) or torch.optim.Adagrad's.
+
+        The state is converted to this optimizer's kind for each parameter (8-bit state keeps its
+        codes, scales and map when the block layout matches). A state dict that does not fit
+        raises ValueError and changes nothing.
+        """
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = pre_hook(self, state_dict) or state_dict
+        checkpoint.load_state_dict(self, state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def torch_state_dict(self) -> dict:
+        """This optimizer's state as a torch.optim.Adagrad state dict (8-bit state dequantized)."""
+        return checkpoint.torch_state_dict(self)
+
+    # ---- step ----------------------------------------------------------------------------
+
+    def _lr_tensor(self, lr: float | Tensor, gi: int, device: torch.device) -> Tensor:
+        if isinstance(lr, Tensor):
+            return lr.to(device=device, dtype=torch.float32)
+        cache = self.__dict__.setdefault("_lr_cache", {})
+        t = cache.get((gi, device))
+        if t is None:
+            t = cache[(gi, device)] = torch.zeros((), dtype=torch.float32, device=device)
+        return t.fill_(lr)
+
+    def _check_grads(self) -> list[tuple[int, dict, Tensor, dict, int]]:
+        """(group index, group, param, config, flat index) of every parameter to step. Raises
+        before anything is written. A state's kind (8- or 32-bit) is fixed when it is created."""
+        todo = []
+        index = 0
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                index += 1
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    raise ValueError(f"{self._name(gi, pi)} has a sparse gradient; torch_adagrad8 supports dense "
+                                     "gradients only")
+                if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+                    raise ValueError(f"{self._name(gi, pi)} has a gradient of dtype {g.dtype}, shape "
+                                     f"{list(g.shape)} on {g.device}; expected {p.dtype}, {list(p.shape)} on "
+                                     f"{p.device}")
+                self._check_dtype(gi, pi)
+                todo.append((gi, group, p, self.config_of(group, p), index - 1))
+        return todo
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        calls: dict[tuple, list] = {}
+        for gi, group, p, config, index in self._check_grads():
+            state = self.state[p]
+            if not state:
+                self._init_state(p, config, index)
+            eight_bit = "state1" in state
+            key = (gi, p.device, p.dtype, eight_bit, config["lr_decay"], config["weight_decay"], config["eps"],
+                   config["maximize"], config["skip_zeros"], config["percentile_clipping"],
+                   id(config["lr"]) if isinstance(config["lr"], Tensor) else config["lr"])
+            if eight_bit:
+                key += (self._block(config), state["qmap1"].data_ptr(), "seed" in state)
+            calls.setdefault(key, []).append((p, state, config))
+
+        for (gi, device, *_), members in calls.items():
+            self._step_call(gi, device, members)
+        return loss
+
+    def _step_call(self, gi: int, device: torch.device, members: list) -> None:
+        """One op call for parameters that share every constant of the step."""
+        config = members[0][2]
+        params = [_real(p) for p, _, _ in members]
+        grads = [_real(p.grad) for p, _, _ in members]
+        states = [s for _, s, _ in members]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        gnorm_scales = None
+        if config["percentile_clipping"] < 100:
+            gnorm_scales = [percentile_scale(g, s["gnorm_vec"], s["step"], config["percentile_clipping"])
+                            for g, s in zip(grads, states)]
+        common = dict(lr=self._lr_tensor(config["lr"], gi, device), lr_decay=float(config["lr_decay"]),
+                      weight_decay=float(config["weight_decay"]), eps=float(config["eps"]),
+                      maximize=config["maximize"], gnorm_scales=gnorm_scales, skip_zeros=config["skip_zeros"])
+        if "state1" in states[0]:
+            _ops.step_quantized(params, grads, [s["state1"] for s in states], [s["absmax1"] for s in states],
+                                states[0]["qmap1"], steps, block_size=self._block(config),
+                                seeds=[s["seed"] for s in states] if "seed" in states[0] else None, **common)
+        else:
+            _ops.step(params, grads, [_real(s["sum"]) for s in states], steps, **common)
+
+
+def _real(t: Tensor) -> Tensor:
+    """Complex tensors step as real pairs, like torch.optim.Adagrad."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def percentile_scale(grad: Tensor, gnorm_vec: Tensor, step: Tensor, percentile: int) -> Tensor:
+    """ALGORITHM.md §5, all on the gradient's device: record this step's squared norm in
+    gnorm_vec (every slot on the first step), return clip / norm if the norm exceeds the
+    percentile-th smallest recorded norm, else 1."""
+    n2 = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+    slot = torch.remainder(step, 100).long().reshape(1)
+    filled = torch.where(step == 1, n2.expand(100), gnorm_vec.index_put((slot,), n2.reshape(1)))
+    gnorm_vec.copy_(filled)
+    clip = torch.sort(gnorm_vec).values[percentile].sqrt()
+    current = n2.sqrt()
+    return torch.where(current > clip, clip / current, torch.ones_like(current))
+
+
+class Adagrad8bit(Adagrad):
+    """Adagrad with 8-bit state (tensors under min_8bit_size elements keep 32-bit state)."""
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
+                 optim_bits=8, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, **kwargs):
+        super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, optim_bits, args,
+                         min_8bit_size, percentile_clipping, block_wise, **kwargs)
+
+    def _check_bits(self, optim_bits: int) -> None:
+        if optim_bits != 8:
+            raise ValueError(f"Adagrad8bit keeps 8-bit state; got optim_bits={optim_bits} (use Adagrad32bit)")
+
+
+class Adagrad32bit(Adagrad):
+    """Adagrad with float32 state."""
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
+                 optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, **kwargs):
+        super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, optim_bits, args,
+                         min_8bit_size, percentile_clipping, block_wise, **kwargs)
+
+    def _check_bits(self, optim_bits: int) -> None:
+        if optim_bits != 32:
+            raise ValueError(f"Adagrad32bit keeps 32-bit state; got optim_bits={optim_bits} (use Adagrad8bit)")
