@@ -31,7 +31,8 @@ class GlobalOptimManager:
 
     def initialize(self) -> None:
         """Forget every override (bitsandbytes name)."""
-        self._overrides: "weakref.WeakKeyDictionary[torch.Tensor, dict]" = weakref.WeakKeyDictionary()
+        # id(param) -> (weak reference to it, its overrides); tensors cannot be dict keys by value
+        self._overrides: dict[int, tuple[weakref.ref, dict]] = {}
         self._module_overrides: list[tuple[Any, str, dict]] = []
 
     def register_parameters(self, params: Iterable) -> None:
@@ -52,7 +53,12 @@ class GlobalOptimManager:
         if not key_value_dict:
             raise ValueError("override_config needs key and value, or a non-empty key_value_dict")
         for p in parameters:
-            self._overrides.setdefault(p, {}).update(dict(key_value_dict))
+            if id(p) not in self._overrides or self._overrides[id(p)][0]() is not p:
+                self._overrides[id(p)] = (weakref.ref(p, self._forget(id(p))), {})
+            self._overrides[id(p)][1].update(key_value_dict)
+
+    def _forget(self, key: int):
+        return lambda ref: self._overrides.pop(key, None) if self._overrides.get(key, (None,))[0] is ref else None
 
     def register_module_override(self, module: torch.nn.Module, param_name: str, config: dict) -> None:
         """Override config for module.<param_name> (resolved when an optimizer steps)."""
@@ -64,5 +70,7 @@ class GlobalOptimManager:
         for module, name, config in self._module_overrides:
             if getattr(module, name, None) is p:
                 found.update(config)
-        found.update(self._overrides.get(p, {}))
+        entry = self._overrides.get(id(p))
+        if entry is not None and entry[0]() is p:
+            found.update(entry[1])
         return found

@@ -177,9 +177,11 @@ class Adagrad(torch.optim.Optimizer):
     def _init_state(self, p: Tensor, config: dict, index: int) -> None:
         state = self.state[p]
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        init = config["initial_accumulator_value"]
-        sums = torch.full(p.shape, init, dtype=torch.complex64 if p.is_complex() else torch.float32,
-                          device=p.device)
+        init = float(config["initial_accumulator_value"])
+        if p.is_complex():  # like torch.optim.Adagrad: both parts of each pair start at the value
+            sums = torch.full(p.shape, complex(init, init), dtype=torch.complex64, device=p.device)
+        else:
+            sums = torch.full(p.shape, init, dtype=torch.float32, device=p.device)
         if self._eight_bit(config, p):
             qmap = self._map_on(config, p.device)
             codes, absmax = Q.quantize(_real(sums), qmap, self._block(config))
