@@ -389,3 +389,19 @@ class TestGlobalOptimManager:
         assert "sum" in opt.state[model["emb"].weight]
         assert torch.equal(model["emb"].weight, before)  # lr 0 for this parameter only
         assert not torch.equal(model["lin"].weight.grad, torch.zeros_like(model["lin"].weight))
+
+
+def test_parameters_on_two_devices_in_one_group(monkeypatch):
+    """This machine has one real device; a meta parameter stands in for the second (its op call
+    runs the fake kernel, which checks the arguments and writes nothing)."""
+    calls = []
+    real = _ops.step_quantized
+    monkeypatch.setattr(_ops, "step_quantized", lambda *a, **k: (calls.append(a[0][0].device.type), real(*a, **k)))
+    cpu, meta = torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(5000, device="meta"))
+    opt = A.Adagrad8bit([cpu, meta], lr=0.1)
+    cpu.grad, meta.grad = torch.randn(5000), torch.randn(5000, device="meta")
+    before = cpu.detach().clone()
+    opt.step()
+    assert sorted(calls) == ["cpu", "meta"]
+    assert all(t.device.type == "meta" for t in opt.state[meta].values())
+    assert not torch.equal(cpu, before) and opt.state[cpu]["step"].item() == 1
