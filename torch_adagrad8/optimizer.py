@@ -125,8 +125,9 @@ class Adagrad(torch.optim.Optimizer):
         try:
             validate_config(group)
             self._check_bits(group["optim_bits"])
-            for i in range(len(group["params"])):
+            for i, p in enumerate(group["params"]):
                 self._check_dtype(len(self.param_groups) - 1, i)
+                self._map_on(group, p.device)  # made here, not inside a (compiled) step
         except ValueError:
             self.param_groups.pop()
             raise

@@ -18,18 +18,17 @@ def dynamic_map(signed: bool = False) -> Tensor:
     Each decade 10**(i-6), i = 0..6, holds the midpoints of a float32 linspace(0.1, 1, n);
     the unsigned map spends the sign bit on twice as many fractions per decade.
     """
-    values: list[float] = []
+    parts = []
     for i in range(7):
         n = 2**i + 1 if signed else 2 ** (i + 1) + 1
         bounds = torch.linspace(0.1, 1, n, dtype=torch.float32)
         means = (bounds[:-1] + bounds[1:]) / 2.0
         decade = (10 ** (i - 6)) * means
-        values += decade.tolist()
-        if signed:
-            values += (-decade).tolist()
-    values += [0.0, 1.0]
-    assert len(values) == MAP_SIZE
-    return torch.tensor(sorted(values), dtype=torch.float32)
+        parts += [decade, -decade] if signed else [decade]
+    parts.append(torch.tensor([0.0, 1.0]))
+    values = torch.sort(torch.cat(parts)).values
+    assert values.numel() == MAP_SIZE
+    return values
 
 
 def signed_map() -> Tensor:
