@@ -405,3 +405,25 @@ def test_parameters_on_two_devices_in_one_group(monkeypatch):
     assert sorted(calls) == ["cpu", "meta"]
     assert all(t.device.type == "meta" for t in opt.state[meta].values())
     assert not torch.equal(cpu, before) and opt.state[cpu]["step"].item() == 1
+
+
+def test_config_changed_after_state_exists_is_checked_before_any_write():
+    mng = A.GlobalOptimManager.get_instance()
+    a, b = torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(5000))
+    opt = A.Adagrad8bit([a, b], lr=0.1)
+    a.grad, b.grad = torch.randn(5000), torch.randn(5000)
+    opt.step()
+    try:
+        mng.override_config(b, "block_wise", False)
+        before = [a.detach().clone(), b.detach().clone(), opt.state[a]["state1"].clone()]
+        with pytest.raises(ValueError, match=r"\['params'\]\[1\].*8-bit state has 20 scales"):
+            opt.step()
+        assert all(torch.equal(x, y) for x, y in zip(before, [a, b, opt.state[a]["state1"]]))
+        mng.override_config(b, key_value_dict={"block_wise": True, "percentile_clipping": 50})
+        with pytest.raises(ValueError, match="percentile_clipping was turned on after"):
+            opt.step()
+        mng.override_config(b, key_value_dict={"percentile_clipping": 100, "stochastic_rounding": True})
+        opt.step()  # stochastic rounding can start at any step: it only needs a seed
+        assert "seed" in opt.state[b] and "seed" not in opt.state[a]
+    finally:
+        mng.initialize()

@@ -116,8 +116,7 @@ def _converted(opt: "Adagrad", state: dict, p: Tensor, config: dict, index: int)
                             else torch.zeros(100, dtype=torch.float32, device=dev))
     if config["stochastic_rounding"]:
         seed = s.get("seed")
-        new["seed"] = (seed.to(dev, torch.int64).reshape(()) if seed is not None
-                       else torch.tensor(opt.seed * 1_000_003 + index, dtype=torch.int64, device=dev))
+        new["seed"] = seed.to(dev, torch.int64).reshape(()) if seed is not None else opt._seed(index, dev)
     return new
 
 

@@ -192,7 +192,11 @@ class Adagrad(torch.optim.Optimizer):
         if config["percentile_clipping"] < 100:
             state["gnorm_vec"] = torch.zeros(100, dtype=torch.float32, device=p.device)
         if config["stochastic_rounding"]:
-            state["seed"] = torch.tensor(self.seed * 1_000_003 + index, dtype=torch.int64, device=p.device)
+            state["seed"] = self._seed(index, p.device)
+
+    def _seed(self, index: int, device: torch.device) -> Tensor:
+        """The stochastic-rounding seed of the index-th parameter (in param_groups order)."""
+        return torch.tensor(self.seed * 1_000_003 + index, dtype=torch.int64, device=device)
 
     # ---- state dicts ---------------------------------------------------------------------
 
@@ -243,8 +247,23 @@ class Adagrad(torch.optim.Optimizer):
                                      f"{list(g.shape)} on {g.device}; expected {p.dtype}, {list(p.shape)} on "
                                      f"{p.device}")
                 self._check_dtype(gi, pi)
-                todo.append((gi, group, p, self.config_of(group, p), index - 1))
+                config = self.config_of(group, p)
+                self._check_state_fits(gi, pi, config)
+                todo.append((gi, group, p, config, index - 1))
         return todo
+
+    def _check_state_fits(self, gi: int, pi: int, config: dict) -> None:
+        """A config changed after the state was made must not ask for what the state lacks."""
+        p = self.param_groups[gi]["params"][pi]
+        state = self.state.get(p)
+        if not state:
+            return
+        if config["percentile_clipping"] < 100 and "gnorm_vec" not in state:
+            raise ValueError(f"{self._name(gi, pi)}: percentile_clipping was turned on after its state was "
+                             "created (it needs the gradient-norm history from the first step)")
+        if "state1" in state and state["absmax1"].numel() != Q.scale_count(_real(p).numel(), self._block(config)):
+            raise ValueError(f"{self._name(gi, pi)}: its 8-bit state has {state['absmax1'].numel()} scales, which "
+                             f"block_wise={config['block_wise']}, block_size={config['block_size']} does not give")
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -258,12 +277,14 @@ class Adagrad(torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 self._init_state(p, config, index)
+            if config["stochastic_rounding"] and "seed" not in state:  # turned on later
+                state["seed"] = self._seed(index, p.device)
             eight_bit = "state1" in state
             key = (gi, p.device, p.dtype, eight_bit, config["lr_decay"], config["weight_decay"], config["eps"],
                    config["maximize"], config["skip_zeros"], config["percentile_clipping"],
                    id(config["lr"]) if isinstance(config["lr"], Tensor) else config["lr"])
             if eight_bit:
-                key += (self._block(config), state["qmap1"].data_ptr(), "seed" in state)
+                key += (self._block(config), state["qmap1"].data_ptr(), config["stochastic_rounding"])
             calls.setdefault(key, []).append((p, state, config))
 
         for (gi, device, *_), members in calls.items():
@@ -288,7 +309,7 @@ class Adagrad(torch.optim.Optimizer):
         if "state1" in states[0]:
             _ops.step_quantized(params, grads, [s["state1"] for s in states], [s["absmax1"] for s in states],
                                 states[0]["qmap1"], steps, block_size=self._block(config),
-                                seeds=[s["seed"] for s in states] if "seed" in states[0] else None, **common)
+                                seeds=[s["seed"] for s in states] if config["stochastic_rounding"] else None, **common)
         else:
             _ops.step(params, grads, [_real(s["sum"]) for s in states], steps, **common)
 
