@@ -166,3 +166,37 @@ def test_fp32_state_matches_torch_adagrad(options, fused):
         assert delta <= 1e-6, delta
     for s, q in zip(sums, theirs):
         torch.testing.assert_close(s, opt.state[q]["sum"], rtol=1e-6, atol=0)
+
+
+def test_exact_midpoints_and_map_values_in_the_kernel():
+    """Values exactly on a midpoint go to the even code; values exactly on a code stay there,
+    also with stochastic rounding. Map q[i] = i / 512 makes both exact: with old scale 1 and
+    codes c, a gradient of 2^-5 adds 2^-10 and gives (2c + 1) / 1024 = midpoint(c), one of 2^-4
+    adds 2^-8 and gives q[c + 2]; element 0 (code 0, gradient 1) keeps the new scale at 1."""
+    qmap = torch.arange(256, dtype=torch.float32) / 512
+    codes0 = torch.cat([torch.zeros(1), torch.arange(255)]).to(torch.uint8)
+    for grad, stochastic, expected in ((2.0**-5, False, lambda c: c + (c % 2)),
+                                       (2.0**-4, True, lambda c: (c + 2).clamp(max=255))):
+        grads = torch.full((256,), grad)
+        grads[0] = 1.0
+        case = Case("tensorwise", ([torch.zeros(256)], [grads], [codes0.clone()], [torch.ones(1)], qmap,
+                                   [torch.tensor(1.0)]),
+                    dict(lr=torch.tensor(0.1), lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False,
+                         block_size=0, seeds=[torch.tensor(5)] if stochastic else None))
+        native = check_against_reference(case)
+        assert native.args[3][0].item() == 1.0
+        c = torch.arange(255)
+        assert torch.equal(native.args[2][0][1:].long(), expected(c))
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_any_sorted_map_matches_reference(stochastic):
+    """Maps unlike the dynamic ones (values crowded closer than the kernel's lookup buckets,
+    values above 1) take the kernel's exact-search fallback; results still equal the reference."""
+    crowded = torch.cat([torch.linspace(0, 1e-3, 128), 0.5 + torch.arange(127) * 1e-7, torch.tensor([2.0])])
+    for qmap in (crowded, torch.linspace(-1, 1, 256)):
+        case = make_case([(3000,), (70_000,)], torch.float32, "blockwise", stochastic=stochastic)
+        args = list(case.args)
+        args[4] = qmap.contiguous()
+        case.args = tuple(args)
+        check_against_reference(case)
