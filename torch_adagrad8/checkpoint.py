@@ -38,11 +38,11 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def accumulator(state: dict, p: Tensor) -> Tensor:
-    """A parameter's accumulator as float32 (complex64 for complex parameters), from any format."""
+def accumulator(state: dict, p: Tensor, block: int) -> Tensor:
+    """A parameter's accumulator as float32 (complex64 for complex parameters), from any format;
+    block: the block size 8-bit state was made with (0: one scale for the tensor)."""
     s = _flat(state)
     if "state1" in s and s["state1"].dtype == torch.uint8:
-        block = _block_of(s["absmax1"].numel(), _real(p).numel())
         values = Q.dequantize(s["state1"], s["absmax1"].float(), s["qmap1"].float(), block)
         values = values.reshape(_real(p).shape)
         return torch.view_as_complex(values) if p.is_complex() else values
@@ -50,17 +50,22 @@ def accumulator(state: dict, p: Tensor) -> Tensor:
     return source.to(torch.complex64 if p.is_complex() else torch.float32).reshape(p.shape)
 
 
-def _block_of(scales: int, n: int) -> int:
-    """A block size that gives `scales` blocks for n elements (0: one scale for the tensor)."""
-    if scales == 1:
-        return 0
-    block = -(-n // scales)
-    if -(-n // block) != scales:
-        raise ValueError(f"absmax1 has {scales} scales, which no block size gives for {n} elements")
-    return block
+def saved_block(name: str, scales: int, n: int, group: dict) -> int:
+    """The block size of loaded 8-bit state: its group's, when the state dict is ours (it has
+    block_wise and block_size), else bitsandbytes' 256, else one scale per tensor; checked
+    against the number of scales."""
+    if "block_wise" in group and "block_size" in group:
+        candidates = [group["block_size"] if group["block_wise"] else 0]
+    else:
+        candidates = [256, 0]
+    for block in candidates:
+        if Q.scale_count(n, block) == scales:
+            return block
+    raise ValueError(f"state of {name}: 'absmax1' has {scales} scales, which its block size "
+                     f"({' or '.join(map(str, candidates))}; 0 = one per tensor) does not give for {n} elements")
 
 
-def _check_param_state(name: str, state: Any, p: Tensor) -> None:
+def _check_param_state(name: str, state: Any, p: Tensor, group: dict) -> None:
     if not isinstance(state, dict):
         raise ValueError(f"state of {name} must be a dict, got {type(state).__name__}")
     s = _flat(state)
@@ -75,7 +80,7 @@ def _check_param_state(name: str, state: Any, p: Tensor) -> None:
             raise ValueError(f"state of {name}: 'state1' has {s['state1'].numel()} elements, the parameter {n}")
         if s["qmap1"].numel() != Q.MAP_SIZE:
             raise ValueError(f"state of {name}: 'qmap1' has {s['qmap1'].numel()} values, expected {Q.MAP_SIZE}")
-        _block_of(s["absmax1"].numel(), n)
+        saved_block(name, s["absmax1"].numel(), n, group)
         return
     key = "state1" if "state1" in s else "sum" if "sum" in s else None
     if key is None:
@@ -85,7 +90,8 @@ def _check_param_state(name: str, state: Any, p: Tensor) -> None:
                          f"{p.numel()} of {p.dtype}")
 
 
-def _converted(opt: "Adagrad", state: dict, p: Tensor, config: dict, index: int) -> dict:
+def _converted(opt: "Adagrad", name: str, state: dict, p: Tensor, config: dict, saved_group: dict,
+               index: int) -> dict:
     """The loaded state of p in this optimizer's format and kind, on p's device."""
     s = _flat(state)
     dev = p.device
@@ -95,7 +101,8 @@ def _converted(opt: "Adagrad", state: dict, p: Tensor, config: dict, index: int)
     eight_bit = opt._eight_bit(config, p)
     block = opt._block(config)
     loaded_codes = "state1" in s and s["state1"].dtype == torch.uint8
-    if eight_bit and loaded_codes and s["absmax1"].numel() == Q.scale_count(_real(p).numel(), block):
+    source_block = saved_block(name, s["absmax1"].numel(), _real(p).numel(), saved_group) if loaded_codes else 0
+    if eight_bit and loaded_codes and source_block == block:
         # same layout: keep the codes, scales and map bit for bit
         qmap = s["qmap1"].to(dev, torch.float32)
         for name in ("unsigned", "signed"):
@@ -106,10 +113,10 @@ def _converted(opt: "Adagrad", state: dict, p: Tensor, config: dict, index: int)
         new["qmap1"] = qmap
     elif eight_bit:
         qmap = opt._map_on(config, dev)
-        codes, absmax = Q.quantize(_real(accumulator(s, p).to(dev)), qmap, block)
+        codes, absmax = Q.quantize(_real(accumulator(s, p, source_block).to(dev)), qmap, block)
         new["state1"], new["absmax1"], new["qmap1"] = codes, absmax, qmap
     else:
-        new["sum"] = accumulator(s, p).to(dev).contiguous()
+        new["sum"] = accumulator(s, p, source_block).to(dev).contiguous()
     if config["percentile_clipping"] < 100:
         vec = s.get("gnorm_vec")
         new["gnorm_vec"] = (vec.to(dev, torch.float32).clone() if vec is not None and vec.numel() == 100
@@ -148,8 +155,9 @@ def load_state_dict(opt: "Adagrad", state_dict: dict) -> None:
             if key not in state_dict["state"]:
                 continue  # never stepped
             name = opt._name(gi, pi)
-            _check_param_state(name, state_dict["state"][key], p)
-            new_state[p] = _converted(opt, state_dict["state"][key], p, opt.config_of(group, p), index - 1)
+            _check_param_state(name, state_dict["state"][key], p, saved)
+            new_state[p] = _converted(opt, name, state_dict["state"][key], p, opt.config_of(group, p), saved,
+                                      index - 1)
 
     # nothing has failed: install
     for group, merged in zip(opt.param_groups, new_groups):
@@ -175,6 +183,11 @@ def torch_state_dict(opt: "Adagrad") -> dict:
         groups.append({"lr": group["lr"], "lr_decay": group["lr_decay"], "weight_decay": group["weight_decay"],
                        "initial_accumulator_value": group["initial_accumulator_value"], "eps": group["eps"],
                        "maximize": group["maximize"], **TORCH_GROUP_DEFAULTS, "params": ids})
-    state = {index_of[p]: {"step": s["step"].detach().clone(), "sum": accumulator(s, p).clone()}
-             for p, s in opt.state.items()}
+    state = {}
+    for gi, group in enumerate(opt.param_groups):
+        for p in group["params"]:
+            if opt.state.get(p):
+                s = opt.state[p]
+                block = opt._block(opt.config_of(group, p))
+                state[index_of[p]] = {"step": s["step"].detach().clone(), "sum": accumulator(s, p, block).clone()}
     return {"state": state, "param_groups": groups}
