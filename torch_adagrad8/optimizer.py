@@ -179,16 +179,20 @@ class Adagrad(torch.optim.Optimizer):
         state = self.state[p]
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         init = float(config["initial_accumulator_value"])
-        if p.is_complex():  # like torch.optim.Adagrad: both parts of each pair start at the value
-            sums = torch.full(p.shape, complex(init, init), dtype=torch.complex64, device=p.device)
-        else:
-            sums = torch.full(p.shape, init, dtype=torch.float32, device=p.device)
         if self._eight_bit(config, p):
+            # Every element starts at init (both parts of a complex pair, like torch): every block
+            # has scale init and the code of init / init. Quantize that one value, then fill.
             qmap = self._map_on(config, p.device)
-            codes, absmax = Q.quantize(_real(sums), qmap, self._block(config))
-            state["state1"], state["absmax1"], state["qmap1"] = codes, absmax, qmap
+            block = self._block(config)
+            code, scale = Q.quantize(torch.full((1,), init, device=p.device), qmap, 0)
+            shape = _real(p).shape
+            state["state1"] = code.reshape(()).expand(shape).contiguous()
+            state["absmax1"] = scale.expand(Q.scale_count(shape.numel(), block)).contiguous()
+            state["qmap1"] = qmap
+        elif p.is_complex():  # like torch.optim.Adagrad: both parts of each pair start at the value
+            state["sum"] = torch.full(p.shape, complex(init, init), dtype=torch.complex64, device=p.device)
         else:
-            state["sum"] = sums
+            state["sum"] = torch.full(p.shape, init, dtype=torch.float32, device=p.device)
         if config["percentile_clipping"] < 100:
             state["gnorm_vec"] = torch.zeros(100, dtype=torch.float32, device=p.device)
         if config["stochastic_rounding"]:
@@ -284,7 +288,8 @@ class Adagrad(torch.optim.Optimizer):
                    config["maximize"], config["skip_zeros"], config["percentile_clipping"],
                    id(config["lr"]) if isinstance(config["lr"], Tensor) else config["lr"])
             if eight_bit:
-                key += (self._block(config), state["qmap1"].data_ptr(), config["stochastic_rounding"])
+                # id, not data_ptr(): under torch.compile a state tensor's data_ptr() is not its identity
+                key += (self._block(config), id(state["qmap1"]), config["stochastic_rounding"])
             calls.setdefault(key, []).append((p, state, config))
 
         for (gi, device, *_), members in calls.items():
