@@ -104,10 +104,7 @@ def _converted(opt: "Adagrad", name: str, state: dict, p: Tensor, config: dict, 
     source_block = saved_block(name, s["absmax1"].numel(), _real(p).numel(), saved_group) if loaded_codes else 0
     if eight_bit and loaded_codes and source_block == block:
         # same layout: keep the codes, scales and map bit for bit
-        qmap = s["qmap1"].to(dev, torch.float32)
-        for name in ("unsigned", "signed"):
-            if torch.equal(qmap.cpu(), Q.dynamic_map(signed=name == "signed")):
-                qmap = opt._map_on({**config, "qmap": name}, dev)
+        qmap = opt._keep_map(s["qmap1"].to(dev, torch.float32).contiguous())
         new["state1"] = s["state1"].to(dev).reshape(_real(p).shape).contiguous()
         new["absmax1"] = s["absmax1"].to(dev, torch.float32).contiguous()
         new["qmap1"] = qmap

@@ -175,6 +175,18 @@ class Adagrad(torch.optim.Optimizer):
             maps[key] = (_MAPS[qm]() if isinstance(qm, str) else qm.detach().float()).to(device)
         return maps[key]
 
+    def _map_key(self, qmap: Tensor) -> tuple:
+        """The key under which a state's map is kept (every state's map is one of self._maps).
+        Identity, not data_ptr() or id(): those do not survive tracing by torch.compile."""
+        return next(key for key, t in self._maps.items() if t is qmap)
+
+    def _keep_map(self, qmap: Tensor) -> Tensor:
+        """Keep a map that came with a loaded state (bitsandbytes' or a custom one)."""
+        for name in _MAPS:
+            if torch.equal(qmap.cpu(), _MAPS[name]()):
+                return self._map_on({"qmap": name}, qmap.device)
+        return self.__dict__.setdefault("_maps", {}).setdefault(("loaded", id(qmap), qmap.device), qmap)
+
     def _init_state(self, p: Tensor, config: dict, index: int) -> None:
         state = self.state[p]
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -288,8 +300,7 @@ class Adagrad(torch.optim.Optimizer):
                    config["maximize"], config["skip_zeros"], config["percentile_clipping"],
                    id(config["lr"]) if isinstance(config["lr"], Tensor) else config["lr"])
             if eight_bit:
-                # id, not data_ptr(): under torch.compile a state tensor's data_ptr() is not its identity
-                key += (self._block(config), id(state["qmap1"]), config["stochastic_rounding"])
+                key += (self._block(config), self._map_key(state["qmap1"]), config["stochastic_rounding"])
             calls.setdefault(key, []).append((p, state, config))
 
         for (gi, device, *_), members in calls.items():
