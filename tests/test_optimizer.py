@@ -419,12 +419,16 @@ def test_config_changed_after_state_exists_is_checked_before_any_write():
         with pytest.raises(ValueError, match=r"\['params'\]\[1\].*8-bit state has 20 scales"):
             opt.step()
         assert all(torch.equal(x, y) for x, y in zip(before, [a, b, opt.state[a]["state1"]]))
-        mng.override_config(b, key_value_dict={"block_wise": True, "percentile_clipping": 50})
-        with pytest.raises(ValueError, match="percentile_clipping was turned on after"):
+        # clipping and stochastic rounding may start late: the norm history starts over, a seed is made
+        mng.override_config(b, key_value_dict={"block_wise": True, "percentile_clipping": 50,
+                                               "stochastic_rounding": True})
+        b.grad = torch.full((5000,), 2.0)
+        opt.step()
+        assert torch.equal(opt.state[b]["gnorm_vec"], torch.full((100,), 4.0 * 5000))  # every slot: this step
+        assert "seed" in opt.state[b] and "seed" not in opt.state[a] and "gnorm_vec" not in opt.state[a]
+        mng.override_config(b, "optim_bit", 32)  # a typo is not silently ignored
+        with pytest.raises(ValueError, match=r"overrides \['optim_bit'\]"):
             opt.step()
-        mng.override_config(b, key_value_dict={"percentile_clipping": 100, "stochastic_rounding": True})
-        opt.step()  # stochastic rounding can start at any step: it only needs a seed
-        assert "seed" in opt.state[b] and "seed" not in opt.state[a]
     finally:
         mng.initialize()
 
@@ -447,3 +451,80 @@ def test_compiled_step_matches_eager(options):
         results.append(model)
     tolerance = 1e-6 if "percentile_clipping" in options else 0.0
     assert max_rel(*results) <= tolerance
+
+
+def test_channels_last_and_strided_params_step_like_torch():
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    twin = copy.deepcopy(conv)
+    ours, theirs = A.Adagrad32bit(conv.parameters(), lr=0.1), torch.optim.Adagrad(twin.parameters(), lr=0.1)
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    for _ in range(3):
+        for m, o in ((conv, ours), (twin, theirs)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert max_rel(conv, twin) <= 1e-6
+
+
+def test_a_failing_step_writes_nothing():
+    """The op-level checks of every call run before the first write (here a 32-bit call's state
+    was replaced by one of the wrong size, so that call's check fails after another call's)."""
+    a, b = torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(3, 4))
+    opt = A.Adagrad32bit([{"params": [a]}, {"params": [b]}], lr=0.1)
+    a.grad, b.grad = torch.ones(10), torch.ones(3, 4)
+    opt.step()
+    opt.state[b]["sum"] = torch.zeros(13)
+    before = [a.detach().clone(), b.detach().clone(), opt.state[a]["sum"].clone(), opt.state[a]["step"].clone()]
+    with pytest.raises(ValueError, match=r"state_sums\[0\] has shape \[13\] but params\[0\] has shape \[3, 4\]"):
+        opt.step()
+    assert all(torch.equal(x, y) for x, y in zip(before, [a, b, opt.state[a]["sum"], opt.state[a]["step"]]))
+
+
+def test_hyperparameters_other_than_lr_must_be_numbers():
+    with pytest.raises(ValueError, match="Invalid weight_decay"):
+        A.Adagrad([torch.nn.Parameter(torch.ones(3))], weight_decay=torch.tensor(-1.0))
+
+
+@pytest.mark.parametrize("make", [A.Adagrad32bit, lambda ps, **k: A.Adagrad8bit(ps, min_8bit_size=0, **k)],
+                         ids=["32bit", "8bit"])
+def test_complex_params_compile(make):
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(300, dtype=torch.complex64))
+        opt = make([p], lr=0.05)
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        for i in range(3):
+            p.grad = torch.randn(300, dtype=torch.complex64, generator=torch.Generator().manual_seed(i))
+            step()
+        results.append(p.detach().clone())
+    assert torch.equal(*results)
+
+
+def test_loaded_state_keeps_group_extras_and_its_own_lr_tensor():
+    model, twin = mlp(), mlp()
+    opt = A.Adagrad8bit(model.parameters(), lr=torch.tensor(0.05))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    train(model, opt, batches(2), sched)
+    lr = torch.tensor(0.05)
+    opt2 = A.Adagrad8bit(twin.parameters(), lr=lr)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.param_groups[0]["lr"] is lr and torch.equal(lr, opt.param_groups[0]["lr"])
+    assert lr.item() == pytest.approx(0.0125)
+    assert opt2.param_groups[0]["initial_lr"] == opt.param_groups[0]["initial_lr"]
+    torch.optim.lr_scheduler.StepLR(opt2, step_size=1, gamma=0.5, last_epoch=1)  # needs initial_lr
+
+
+def test_clipping_history_starts_over_after_loading_a_state_without_it():
+    """A torch.optim.Adagrad state has no norm history: the first step after loading fills it."""
+    model, twin = mlp(), mlp()
+    theirs = torch.optim.Adagrad(model.parameters(), lr=0.05)
+    train(model, theirs, batches(5))
+    ours = A.Adagrad32bit(twin.parameters(), lr=0.05, percentile_clipping=5)
+    twin.load_state_dict(model.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    before = [p.detach().clone() for p in twin.parameters()]
+    train(twin, ours, batches(3, seed=7))
+    assert all(not torch.equal(p, q) for p, q in zip(before, twin.parameters()))  # clipped, not frozen

@@ -18,10 +18,6 @@ if TYPE_CHECKING:
     from torch_adagrad8.optimizer import Adagrad
 
 BNB_NESTED_KEY = "__bnb_optimizer_quant_state__"  # bitsandbytes >= 0.49 wraps its tensors here
-# Group keys taken over from a loaded state dict (everything else keeps this optimizer's value).
-GROUP_KEYS = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps", "maximize", "optim_bits",
-              "min_8bit_size", "percentile_clipping", "block_wise", "max_unorm", "skip_zeros", "qmap",
-              "stochastic_rounding", "block_size")
 TORCH_GROUP_DEFAULTS = dict(foreach=None, differentiable=False, fused=None)
 
 
@@ -34,7 +30,8 @@ def _flat(state: dict) -> dict:
     return flat
 
 
-def _real(t: Tensor) -> Tensor:
+def real(t: Tensor) -> Tensor:
+    """Complex tensors as float pairs (how the optimizers step and store them), others as they are."""
     return torch.view_as_real(t) if t.is_complex() else t
 
 
@@ -44,9 +41,11 @@ def accumulator(state: dict, p: Tensor, block: int) -> Tensor:
     s = _flat(state)
     if "state1" in s and s["state1"].dtype == torch.uint8:
         values = Q.dequantize(s["state1"], s["absmax1"].float(), s["qmap1"].float(), block)
-        values = values.reshape(_real(p).shape)
+        values = values.reshape(real(p).shape)
         return torch.view_as_complex(values) if p.is_complex() else values
     source = s["state1"] if "state1" in s else s["sum"]
+    if p.is_complex() and not source.is_complex():  # our real pairs
+        return torch.view_as_complex(source.float().reshape(real(p).shape).contiguous())
     return source.to(torch.complex64 if p.is_complex() else torch.float32).reshape(p.shape)
 
 
@@ -71,7 +70,7 @@ def _check_param_state(name: str, state: Any, p: Tensor, group: dict) -> None:
     s = _flat(state)
     if "step" not in s:
         raise ValueError(f"state of {name} has no 'step'")
-    n = _real(p).numel()
+    n = real(p).numel()
     if "state1" in s and s["state1"].dtype == torch.uint8:
         for key in ("absmax1", "qmap1"):
             if key not in s:
@@ -85,13 +84,13 @@ def _check_param_state(name: str, state: Any, p: Tensor, group: dict) -> None:
     key = "state1" if "state1" in s else "sum" if "sum" in s else None
     if key is None:
         raise ValueError(f"state of {name} has no accumulator ('sum' or 'state1')")
-    if s[key].numel() != p.numel() or (s[key].is_complex() != p.is_complex()):
+    pairs = p.is_complex() and not s[key].is_complex() and s[key].numel() == 2 * p.numel()  # ours
+    if not pairs and (s[key].numel() != p.numel() or s[key].is_complex() != p.is_complex()):
         raise ValueError(f"state of {name}: '{key}' has {s[key].numel()} elements of {s[key].dtype}, the parameter "
                          f"{p.numel()} of {p.dtype}")
 
 
-def _converted(opt: "Adagrad", name: str, state: dict, p: Tensor, config: dict, saved_group: dict,
-               index: int) -> dict:
+def _converted(opt: "Adagrad", name: str, state: dict, p: Tensor, config: dict, saved_group: dict) -> dict:
     """The loaded state of p in this optimizer's format and kind, on p's device."""
     s = _flat(state)
     dev = p.device
@@ -101,26 +100,25 @@ def _converted(opt: "Adagrad", name: str, state: dict, p: Tensor, config: dict, 
     eight_bit = opt._eight_bit(config, p)
     block = opt._block(config)
     loaded_codes = "state1" in s and s["state1"].dtype == torch.uint8
-    source_block = saved_block(name, s["absmax1"].numel(), _real(p).numel(), saved_group) if loaded_codes else 0
+    source_block = saved_block(name, s["absmax1"].numel(), real(p).numel(), saved_group) if loaded_codes else 0
     if eight_bit and loaded_codes and source_block == block:
         # same layout: keep the codes, scales and map bit for bit
         qmap = opt._keep_map(s["qmap1"].to(dev, torch.float32).contiguous())
-        new["state1"] = s["state1"].to(dev).reshape(_real(p).shape).contiguous()
+        new["state1"] = s["state1"].to(dev).reshape(real(p).shape).contiguous()
         new["absmax1"] = s["absmax1"].to(dev, torch.float32).contiguous()
         new["qmap1"] = qmap
     elif eight_bit:
         qmap = opt._map_on(config, dev)
-        codes, absmax = Q.quantize(_real(accumulator(s, p, source_block).to(dev)), qmap, block)
+        codes, absmax = Q.quantize(real(accumulator(s, p, source_block).to(dev)), qmap, block)
         new["state1"], new["absmax1"], new["qmap1"] = codes, absmax, qmap
     else:
-        new["sum"] = accumulator(s, p, source_block).to(dev).contiguous()
-    if config["percentile_clipping"] < 100:
-        vec = s.get("gnorm_vec")
-        new["gnorm_vec"] = (vec.to(dev, torch.float32).clone() if vec is not None and vec.numel() == 100
-                            else torch.zeros(100, dtype=torch.float32, device=dev))
-    if config["stochastic_rounding"]:
-        seed = s.get("seed")
-        new["seed"] = seed.to(dev, torch.int64).reshape(()) if seed is not None else opt._seed(index, dev)
+        new["sum"] = real(accumulator(s, p, source_block).to(dev)).contiguous()
+    # a missing clipping history or seed is made by the next step (the history then starts over)
+    vec, seed = s.get("gnorm_vec"), s.get("seed")
+    if config["percentile_clipping"] < 100 and vec is not None and vec.numel() == 100:
+        new["gnorm_vec"] = vec.to(dev, torch.float32).clone()
+    if config["stochastic_rounding"] and seed is not None:
+        new["seed"] = seed.to(dev, torch.int64).reshape(())
     return new
 
 
@@ -139,30 +137,31 @@ def load_state_dict(opt: "Adagrad", state_dict: dict) -> None:
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(f"parameter group {gi} has {len(saved['params'])} parameters in the state dict and "
                              f"{len(group['params'])} in the optimizer")
-        merged = {**group, **{k: saved[k] for k in GROUP_KEYS if k in saved}}
+        # every saved key but the parameters (schedulers keep e.g. initial_lr there); the known ones
+        # are validated; torch's own flags (foreach, fused, ...) mean nothing here
+        merged = {**group, **{k: v for k, v in saved.items()
+                              if k not in ("params", "param_names") and k not in TORCH_GROUP_DEFAULTS
+                              and k != "differentiable"}}
         validate_config(merged)
         opt._check_bits(merged["optim_bits"])
         new_groups.append(merged)
 
     new_state: dict = {}
-    index = 0
     for gi, (group, saved) in enumerate(zip(new_groups, saved_groups)):
         for pi, (p, key) in enumerate(zip(group["params"], saved["params"])):
-            index += 1
             if key not in state_dict["state"]:
                 continue  # never stepped
             name = opt._name(gi, pi)
             _check_param_state(name, state_dict["state"][key], p, saved)
-            new_state[p] = _converted(opt, name, state_dict["state"][key], p, opt.config_of(group, p), saved,
-                                      index - 1)
+            new_state[p] = _converted(opt, name, state_dict["state"][key], p, opt.config_of(group, p), saved)
 
     # nothing has failed: install
     for group, merged in zip(opt.param_groups, new_groups):
         lr = merged.pop("lr")
-        if isinstance(group["lr"], Tensor) and not isinstance(lr, Tensor):
-            group["lr"].fill_(lr)  # a tensor lr stays the same tensor (compiled steps read it)
+        if isinstance(group["lr"], Tensor):  # a tensor lr stays the same tensor (compiled steps read it)
+            group["lr"].copy_(lr) if isinstance(lr, Tensor) else group["lr"].fill_(lr)
         else:
-            group["lr"] = lr
+            group["lr"] = lr.detach().clone() if isinstance(lr, Tensor) else lr  # never the state dict's
         group.update(merged)
     opt.state.clear()
     opt.state.update(new_state)

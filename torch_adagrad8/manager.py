@@ -36,10 +36,8 @@ class GlobalOptimManager:
         self._module_overrides: list[tuple[Any, str, dict]] = []
 
     def register_parameters(self, params: Iterable) -> None:
-        """Accepted for bitsandbytes compatibility; overrides do not need it."""
-        for group in params:
-            if isinstance(group, dict):
-                list(group["params"])
+        """Accepted for bitsandbytes compatibility: overrides are keyed by the parameters
+        themselves, so there is nothing to record."""
 
     def override_config(self, parameters, key: Optional[str] = None, value: Any = None,
                         key_value_dict: Optional[dict] = None) -> None:

@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from torch_adagrad8 import _ops, checkpoint, qmap as Q
+from torch_adagrad8 import _checks, _ops, checkpoint, qmap as Q
+from torch_adagrad8.checkpoint import real as _real
 from torch_adagrad8.manager import GlobalOptimManager
 
 # Config that bitsandbytes reads from `args` (they override the keyword arguments).
@@ -30,14 +31,18 @@ _MAPS = {"unsigned": Q.unsigned_map, "signed": Q.signed_map}
 
 
 def _is_nonneg_number(v: Any) -> bool:
-    if isinstance(v, Tensor):
-        return v.numel() == 1 and v.is_floating_point()  # its value is the caller's (no host read)
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
 
 
 def validate_config(config: dict) -> None:
     """ValueError naming the first bad value of a group's (or a parameter's) config."""
-    for key in ("lr", "lr_decay", "weight_decay", "eps", "initial_accumulator_value"):
+    lr = config["lr"]
+    if isinstance(lr, Tensor):  # a tensor lr's value is the caller's: reading it would sync
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"Invalid lr: a tensor lr must be one floating-point value, got {lr!r}")
+    elif not _is_nonneg_number(lr):
+        raise ValueError(f"Invalid lr: {lr!r} (must be a finite number >= 0, or a tensor)")
+    for key in ("lr_decay", "weight_decay", "eps", "initial_accumulator_value"):
         if not _is_nonneg_number(config[key]):
             raise ValueError(f"Invalid {key}: {config[key]!r} (must be a finite number >= 0)")
     if config["optim_bits"] not in (8, 32) or isinstance(config["optim_bits"], bool):
@@ -152,6 +157,10 @@ class Adagrad(torch.optim.Optimizer):
         overrides = self.mng.overrides_for(p)
         if not overrides:
             return group
+        unknown = sorted(set(overrides) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"GlobalOptimManager overrides {unknown} for a parameter, but {type(self).__name__} has "
+                             f"no such option (it has {sorted(self.defaults)})")
         config = {**group, **overrides}
         validate_config(config)
         return config
@@ -172,7 +181,9 @@ class Adagrad(torch.optim.Optimizer):
         maps = self.__dict__.setdefault("_maps", {})
         key = (qm if isinstance(qm, str) else id(qm), device)
         if key not in maps:
-            maps[key] = (_MAPS[qm]() if isinstance(qm, str) else qm.detach().float()).to(device)
+            maps[key] = (_MAPS[qm]() if isinstance(qm, str) else qm.detach().float()).to(device).contiguous()
+            if not isinstance(qm, str):
+                self.__dict__.setdefault("_map_sources", []).append(qm)  # its id stays this map's key
         return maps[key]
 
     def _map_key(self, qmap: Tensor) -> tuple:
@@ -182,10 +193,16 @@ class Adagrad(torch.optim.Optimizer):
 
     def _keep_map(self, qmap: Tensor) -> Tensor:
         """Keep a map that came with a loaded state (bitsandbytes' or a custom one)."""
+        maps = self.__dict__.setdefault("_maps", {})
         for name in _MAPS:
             if torch.equal(qmap.cpu(), _MAPS[name]()):
                 return self._map_on({"qmap": name}, qmap.device)
-        return self.__dict__.setdefault("_maps", {}).setdefault(("loaded", id(qmap), qmap.device), qmap)
+        for t in maps.values():  # the same custom map as another state's: share it
+            if t.device == qmap.device and torch.equal(t, qmap):
+                return t
+        key = ("loaded", len(maps), qmap.device)
+        maps[key] = qmap
+        return qmap
 
     def _init_state(self, p: Tensor, config: dict, index: int) -> None:
         state = self.state[p]
@@ -201,13 +218,16 @@ class Adagrad(torch.optim.Optimizer):
             state["state1"] = code.reshape(()).expand(shape).contiguous()
             state["absmax1"] = scale.expand(Q.scale_count(shape.numel(), block)).contiguous()
             state["qmap1"] = qmap
-        elif p.is_complex():  # like torch.optim.Adagrad: both parts of each pair start at the value
-            state["sum"] = torch.full(p.shape, complex(init, init), dtype=torch.complex64, device=p.device)
-        else:
-            state["sum"] = torch.full(p.shape, init, dtype=torch.float32, device=p.device)
-        if config["percentile_clipping"] < 100:
-            state["gnorm_vec"] = torch.zeros(100, dtype=torch.float32, device=p.device)
-        if config["stochastic_rounding"]:
+        else:  # complex parameters: real pairs, both parts starting at the value (like torch)
+            state["sum"] = torch.full(_real(p).shape, init, dtype=torch.float32, device=p.device)
+        self._add_optional_state(p, state, config, index)
+
+    def _add_optional_state(self, p: Tensor, state: dict, config: dict, index: int) -> None:
+        """Clipping history and seed, also when clipping or stochastic rounding is turned on after
+        the state exists (an override, a loaded state): the history then starts over."""
+        if config["percentile_clipping"] < 100 and "gnorm_vec" not in state:
+            state["gnorm_vec"] = torch.full((100,), NO_HISTORY, dtype=torch.float32, device=p.device)
+        if config["stochastic_rounding"] and "seed" not in state:
             state["seed"] = self._seed(index, p.device)
 
     def _seed(self, index: int, device: torch.device) -> Tensor:
@@ -236,13 +256,14 @@ class Adagrad(torch.optim.Optimizer):
     # ---- step ----------------------------------------------------------------------------
 
     def _lr_tensor(self, lr: float | Tensor, gi: int, device: torch.device) -> Tensor:
+        """lr as the float32 tensor on device that the op reads; a float lr goes into a cached
+        tensor, filled right before its op call (_run_call)."""
         if isinstance(lr, Tensor):
             return lr.to(device=device, dtype=torch.float32)
         cache = self.__dict__.setdefault("_lr_cache", {})
-        t = cache.get((gi, device))
-        if t is None:
-            t = cache[(gi, device)] = torch.zeros((), dtype=torch.float32, device=device)
-        return t.fill_(lr)
+        if (gi, device) not in cache:
+            cache[(gi, device)] = torch.zeros((), dtype=torch.float32, device=device)
+        return cache[(gi, device)]
 
     def _check_grads(self) -> list[tuple[int, dict, Tensor, dict, int]]:
         """(group index, group, param, config, flat index) of every parameter to step. Raises
@@ -274,9 +295,6 @@ class Adagrad(torch.optim.Optimizer):
         state = self.state.get(p)
         if not state:
             return
-        if config["percentile_clipping"] < 100 and "gnorm_vec" not in state:
-            raise ValueError(f"{self._name(gi, pi)}: percentile_clipping was turned on after its state was "
-                             "created (it needs the gradient-norm history from the first step)")
         if "state1" in state and state["absmax1"].numel() != Q.scale_count(_real(p).numel(), self._block(config)):
             raise ValueError(f"{self._name(gi, pi)}: its 8-bit state has {state['absmax1'].numel()} scales, which "
                              f"block_wise={config['block_wise']}, block_size={config['block_size']} does not give")
@@ -293,8 +311,7 @@ class Adagrad(torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 self._init_state(p, config, index)
-            if config["stochastic_rounding"] and "seed" not in state:  # turned on later
-                state["seed"] = self._seed(index, p.device)
+            self._add_optional_state(p, state, config, index)
             eight_bit = "state1" in state
             key = (gi, p.device, p.dtype, eight_bit, config["lr_decay"], config["weight_decay"], config["eps"],
                    config["maximize"], config["skip_zeros"], config["percentile_clipping"],
@@ -303,45 +320,77 @@ class Adagrad(torch.optim.Optimizer):
                 key += (self._block(config), self._map_key(state["qmap1"]), config["stochastic_rounding"])
             calls.setdefault(key, []).append((p, state, config))
 
-        for (gi, device, *_), members in calls.items():
-            self._step_call(gi, device, members)
+        # Everything is checked before anything is written: arguments of every call first.
+        prepared = [self._prepare_call(gi, device, members) for (gi, device, *_), members in calls.items()]
+        for call in prepared:
+            self._run_call(*call)
         return loss
 
-    def _step_call(self, gi: int, device: torch.device, members: list) -> None:
-        """One op call for parameters that share every constant of the step."""
+    def _prepare_call(self, gi: int, device: torch.device, members: list) -> tuple:
+        """The op arguments of parameters that share every constant of a step, checked.
+
+        A complex or non-contiguous parameter steps through a contiguous real copy that is copied
+        back afterwards (a view of it would not survive torch.compile's functionalization)."""
         config = members[0][2]
-        params = [_real(p) for p, _, _ in members]
-        grads = [_real(p.grad) for p, _, _ in members]
+        params = [_writable(p) for p, _, _ in members]
+        grads = [_real(p.grad).contiguous() for p, _, _ in members]
         states = [s for _, s, _ in members]
         steps = [s["step"] for s in states]
+        common = dict(lr=self._lr_tensor(config["lr"], gi, device), lr_decay=float(config["lr_decay"]),
+                      weight_decay=float(config["weight_decay"]), eps=float(config["eps"]),
+                      maximize=config["maximize"], skip_zeros=config["skip_zeros"])
+        hyper = (common["lr"], common["lr_decay"], common["weight_decay"], common["eps"], None)
+        if "state1" in states[0]:
+            codes, absmax = [s["state1"] for s in states], [s["absmax1"] for s in states]
+            seeds = [s["seed"] for s in states] if config["stochastic_rounding"] else None
+            _checks.check_step_quantized(params, grads, codes, absmax, states[0]["qmap1"], steps, *hyper,
+                                         self._block(config), seeds)
+            args = (codes, absmax, states[0]["qmap1"], dict(block_size=self._block(config), seeds=seeds))
+        else:
+            sums = [s["sum"] for s in states]
+            _checks.check_step(params, grads, sums, steps, *hyper)
+            args = (sums,)
+        return members, params, grads, steps, config, common, args
+
+    @staticmethod
+    def _run_call(members, params, grads, steps, config, common, args) -> None:
+        if not isinstance(config["lr"], Tensor):
+            common["lr"].fill_(config["lr"])
         torch._foreach_add_(steps, 1)
         gnorm_scales = None
         if config["percentile_clipping"] < 100:
             gnorm_scales = [percentile_scale(g, s["gnorm_vec"], s["step"], config["percentile_clipping"])
-                            for g, s in zip(grads, states)]
-        common = dict(lr=self._lr_tensor(config["lr"], gi, device), lr_decay=float(config["lr_decay"]),
-                      weight_decay=float(config["weight_decay"]), eps=float(config["eps"]),
-                      maximize=config["maximize"], gnorm_scales=gnorm_scales, skip_zeros=config["skip_zeros"])
-        if "state1" in states[0]:
-            _ops.step_quantized(params, grads, [s["state1"] for s in states], [s["absmax1"] for s in states],
-                                states[0]["qmap1"], steps, block_size=self._block(config),
-                                seeds=[s["seed"] for s in states] if config["stochastic_rounding"] else None, **common)
+                            for g, (_, s, _) in zip(grads, members)]
+        if len(args) == 1:
+            _ops.step(params, grads, args[0], steps, gnorm_scales=gnorm_scales, **common)
         else:
-            _ops.step(params, grads, [_real(s["sum"]) for s in states], steps, **common)
+            codes, absmax, qmap, extra = args
+            _ops.step_quantized(params, grads, codes, absmax, qmap, steps, gnorm_scales=gnorm_scales, **common,
+                                **extra)
+        for (p, _, _), work in zip(members, params):
+            if work is not p:  # a copy: write the result back
+                p.copy_(torch.view_as_complex(work) if p.is_complex() else work)
 
 
-def _real(t: Tensor) -> Tensor:
-    """Complex tensors step as real pairs, like torch.optim.Adagrad."""
-    return torch.view_as_real(t) if t.is_complex() else t
+def _writable(p: Tensor) -> Tensor:
+    """The tensor the op updates for p: p itself, or a contiguous real copy of a complex or
+    strided (e.g. channels_last) parameter, which the step copies back."""
+    if p.is_complex():
+        return torch.view_as_real(p).clone(memory_format=torch.contiguous_format)
+    return p if p.is_contiguous() else p.contiguous()
+
+
+NO_HISTORY = -1.0  # gnorm_vec's first slot when there is no history yet: the next step fills every slot
 
 
 def percentile_scale(grad: Tensor, gnorm_vec: Tensor, step: Tensor, percentile: int) -> Tensor:
     """ALGORITHM.md §5, all on the gradient's device: record this step's squared norm in
-    gnorm_vec (every slot on the first step), return clip / norm if the norm exceeds the
-    percentile-th smallest recorded norm, else 1."""
+    gnorm_vec (every slot on the first step, or when there is no history), return clip / norm if
+    the norm exceeds the percentile-th smallest recorded norm, else 1."""
     n2 = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
     slot = torch.remainder(step, 100).long().reshape(1)
-    filled = torch.where(step == 1, n2.expand(100), gnorm_vec.index_put((slot,), n2.reshape(1)))
+    fresh = (step == 1) | (gnorm_vec[0] == NO_HISTORY)
+    filled = torch.where(fresh, n2.expand(100), gnorm_vec.index_put((slot,), n2.reshape(1)))
     gnorm_vec.copy_(filled)
     clip = torch.sort(gnorm_vec).values[percentile].sqrt()
     current = n2.sqrt()
