@@ -528,3 +528,17 @@ def test_clipping_history_starts_over_after_loading_a_state_without_it():
     before = [p.detach().clone() for p in twin.parameters()]
     train(twin, ours, batches(3, seed=7))
     assert all(not torch.equal(p, q) for p, q in zip(before, twin.parameters()))  # clipped, not frozen
+
+
+def test_a_failing_step_creates_no_state():
+    """A parameter stepping for the first time gets no state when another call's check fails."""
+    a, b = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(10))
+    opt = A.Adagrad32bit([{"params": [a]}, {"params": [b], "percentile_clipping": 50}], lr=0.1)
+    a.grad = torch.ones(3, 4)
+    opt.step()
+    opt.state[a]["sum"] = torch.zeros(13)
+    a.grad, b.grad = torch.ones(3, 4), torch.ones(10)
+    with pytest.raises(ValueError, match=r"state_sums\[0\] has shape \[13\]"):
+        opt.step()
+    assert b not in opt.state or not opt.state[b]
+    assert set(opt.state[a]) == {"step", "sum"}

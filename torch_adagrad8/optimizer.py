@@ -204,8 +204,9 @@ class Adagrad(torch.optim.Optimizer):
         maps[key] = qmap
         return qmap
 
-    def _init_state(self, p: Tensor, config: dict, index: int) -> None:
-        state = self.state[p]
+    def _new_state(self, p: Tensor, config: dict, index: int) -> dict:
+        """The state a parameter starts with."""
+        state: dict = {}
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         init = float(config["initial_accumulator_value"])
         if self._eight_bit(config, p):
@@ -220,15 +221,18 @@ class Adagrad(torch.optim.Optimizer):
             state["qmap1"] = qmap
         else:  # complex parameters: real pairs, both parts starting at the value (like torch)
             state["sum"] = torch.full(_real(p).shape, init, dtype=torch.float32, device=p.device)
-        self._add_optional_state(p, state, config, index)
+        return {**state, **self._missing_state(p, state, config, index)}
 
-    def _add_optional_state(self, p: Tensor, state: dict, config: dict, index: int) -> None:
-        """Clipping history and seed, also when clipping or stochastic rounding is turned on after
-        the state exists (an override, a loaded state): the history then starts over."""
+    def _missing_state(self, p: Tensor, state: dict, config: dict, index: int) -> dict:
+        """Clipping history and seed the config needs and the state lacks: also when clipping or
+        stochastic rounding is turned on after the state exists (an override, a loaded state);
+        the history then starts over."""
+        extra = {}
         if config["percentile_clipping"] < 100 and "gnorm_vec" not in state:
-            state["gnorm_vec"] = torch.full((100,), NO_HISTORY, dtype=torch.float32, device=p.device)
+            extra["gnorm_vec"] = torch.full((100,), NO_HISTORY, dtype=torch.float32, device=p.device)
         if config["stochastic_rounding"] and "seed" not in state:
-            state["seed"] = self._seed(index, p.device)
+            extra["seed"] = self._seed(index, p.device)
+        return extra
 
     def _seed(self, index: int, device: torch.device) -> Tensor:
         """The stochastic-rounding seed of the index-th parameter (in param_groups order)."""
@@ -307,11 +311,16 @@ class Adagrad(torch.optim.Optimizer):
                 loss = closure()
 
         calls: dict[tuple, list] = {}
+        additions: dict[Tensor, dict] = {}  # new state entries, installed once every call is checked
         for gi, group, p, config, index in self._check_grads():
-            state = self.state[p]
-            if not state:
-                self._init_state(p, config, index)
-            self._add_optional_state(p, state, config, index)
+            state = self.state.get(p)
+            if state:
+                extra = self._missing_state(p, state, config, index)
+                state = {**state, **extra}
+            else:
+                extra = state = self._new_state(p, config, index)
+            if extra:
+                additions[p] = extra
             eight_bit = "state1" in state
             key = (gi, p.device, p.dtype, eight_bit, config["lr_decay"], config["weight_decay"], config["eps"],
                    config["maximize"], config["skip_zeros"], config["percentile_clipping"],
@@ -322,6 +331,8 @@ class Adagrad(torch.optim.Optimizer):
 
         # Everything is checked before anything is written: arguments of every call first.
         prepared = [self._prepare_call(gi, device, members) for (gi, device, *_), members in calls.items()]
+        for p, extra in additions.items():
+            self.state[p].update(extra)
         for call in prepared:
             self._run_call(*call)
         return loss
