@@ -6,7 +6,6 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
-#include <c10/util/OptionalArrayRef.h>
 
 #include <optional>
 

@@ -57,6 +57,14 @@ def rel(a, b, p0):
     return ((a.float() - b.float()).norm() / (b.float() - p0.float()).norm()).item()
 
 
+def continue_both(opt, ours, bopt, bparams, grads) -> float:
+    """Train ours and bitsandbytes' on the same gradients from the same point; their worst moved-rel gap."""
+    start = [p.detach().clone() for p in bparams]
+    train(opt, ours, grads)
+    train(bopt, bparams, grads)
+    return worst_rel(ours, bparams, start)
+
+
 def worst_rel(ps, qs, p0s):
     return max(rel(p.detach(), q.detach(), p0) for p, q, p0 in zip(ps, qs, p0s))
 
@@ -214,10 +222,7 @@ def test_bitsandbytes_8bit_state_dict_loads_bit_for_bit_and_continues(layout, ou
         assert torch.equal(s["qmap1"], t["qmap1"]) and torch.equal(s["qmap1"], Q.signed_map())
         assert s["step"].dtype == torch.float32 and float(s["step"]) == 5
 
-    start = [p.detach().clone() for p in bparams]
-    train(opt, ours, rest)
-    train(bopt, bparams, rest)
-    err = worst_rel(ours, bparams, start)
+    err = continue_both(opt, ours, bopt, bparams, rest)
     print(f"continued 20 steps after loading ({layout}, {our_map}): {err:.3g}")
     # same reasoning as BOUND_8: identical state at the start, then quantization noise. Measured 2.7e-3.
     assert err <= BOUND_8
@@ -236,10 +241,7 @@ def test_bitsandbytes_32bit_state_dict_loads_and_continues(layout):
     for p, q in zip(ours, bparams):
         assert torch.equal(opt.state[p]["sum"], bopt.state[q]["state1"])
         assert float(opt.state[p]["step"]) == 5
-    start = [p.detach().clone() for p in bparams]
-    train(opt, ours, rest)
-    train(bopt, bparams, rest)
-    err = worst_rel(ours, bparams, start)
+    err = continue_both(opt, ours, bopt, bparams, rest)
     print(f"32-bit continued after loading ({layout}): {err:.3g}")
     assert err <= BOUND_32
 

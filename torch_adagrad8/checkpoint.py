@@ -140,8 +140,7 @@ def load_state_dict(opt: "Adagrad", state_dict: dict) -> None:
         # every saved key but the parameters (schedulers keep e.g. initial_lr there); the known ones
         # are validated; torch's own flags (foreach, fused, ...) mean nothing here
         merged = {**group, **{k: v for k, v in saved.items()
-                              if k not in ("params", "param_names") and k not in TORCH_GROUP_DEFAULTS
-                              and k != "differentiable"}}
+                              if k not in ("params", "param_names", *TORCH_GROUP_DEFAULTS)}}
         validate_config(merged)
         opt._check_bits(merged["optim_bits"])
         new_groups.append(merged)
