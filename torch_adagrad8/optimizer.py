@@ -119,7 +119,20 @@ class Adagrad(torch.optim.Optimizer):
             raise ValueError(f"Invalid seed: {seed!r} (must be an int)")
         self.seed = seed
         self.mng = GlobalOptimManager.get_instance()
+        self._step_called = [False]  # backs _opt_called
         super().__init__(params, defaults)
+
+    # An LR scheduler reads optimizer._opt_called to warn when it is stepped before the optimizer.
+    # Its wrapper of step() that sets it is bypassed by a step compiled before the scheduler was
+    # attached (docs/compile.md), so step() sets it too. torch.compile silently drops attribute
+    # writes to an optimizer inside a compiled step but keeps list writes: the flag is in a list.
+    @property
+    def _opt_called(self) -> bool:
+        return self._step_called[0]
+
+    @_opt_called.setter
+    def _opt_called(self, value: bool) -> None:
+        self._step_called[0] = bool(value)
 
     def _check_bits(self, optim_bits: int) -> None:
         """Adagrad8bit / Adagrad32bit refuse the other width."""
@@ -269,6 +282,15 @@ class Adagrad(torch.optim.Optimizer):
             cache[(gi, device)] = torch.zeros((), dtype=torch.float32, device=device)
         return cache[(gi, device)]
 
+    def _lr_key(self, group: dict, p: Tensor, config: dict) -> Any:
+        """What tells p's lr apart from the other lrs of its group, for grouping op calls. Never the
+        group's own lr value: a float lr that a scheduler changes would then be guarded on by
+        torch.compile and recompile every step (as a dict key it cannot stay symbolic)."""
+        if config is group or "lr" not in self.mng.overrides_for(p):
+            return "group"
+        lr = config["lr"]
+        return ("override", id(lr) if isinstance(lr, Tensor) else lr)
+
     def _check_grads(self) -> list[tuple[int, dict, Tensor, dict, int]]:
         """(group index, group, param, config, flat index) of every parameter to step. Raises
         before anything is written. A state's kind (8- or 32-bit) is fixed when it is created."""
@@ -323,8 +345,7 @@ class Adagrad(torch.optim.Optimizer):
                 additions[p] = extra
             eight_bit = "state1" in state
             key = (gi, p.device, p.dtype, eight_bit, config["lr_decay"], config["weight_decay"], config["eps"],
-                   config["maximize"], config["skip_zeros"], config["percentile_clipping"],
-                   id(config["lr"]) if isinstance(config["lr"], Tensor) else config["lr"])
+                   config["maximize"], config["skip_zeros"], config["percentile_clipping"], self._lr_key(group, p, config))
             if eight_bit:
                 key += (self._block(config), self._map_key(state["qmap1"]), config["stochastic_rounding"])
             calls.setdefault(key, []).append((p, state, config))
@@ -335,6 +356,7 @@ class Adagrad(torch.optim.Optimizer):
             self.state[p].update(extra)
         for call in prepared:
             self._run_call(*call)
+        self._step_called[0] = True  # _opt_called
         return loss
 
     def _prepare_call(self, gi: int, device: torch.device, members: list) -> tuple:
@@ -366,7 +388,9 @@ class Adagrad(torch.optim.Optimizer):
     @staticmethod
     def _run_call(members, params, grads, steps, config, common, args) -> None:
         if not isinstance(config["lr"], Tensor):
-            common["lr"].fill_(config["lr"])
+            # Not fill_(lr): torch.compile specializes a float given to fill_ (one recompile per
+            # new lr); added to a tensor it stays a graph input. 0 + lr rounds like fill_.
+            common["lr"].zero_().add_(config["lr"])
         torch._foreach_add_(steps, 1)
         gnorm_scales = None
         if config["percentile_clipping"] < 100:
