@@ -16,4 +16,12 @@ TORCH_LIBRARY(adagrad8, m) {
       "Tensor qmap, Tensor[] steps, Tensor lr, float lr_decay, float weight_decay, float eps, bool maximize, "
       "Tensor[]? gnorm_scales=None, bool skip_zeros=False, int block_size=256, Tensor[]? seeds=None) -> ()",
       {at::Tag::pt2_compliant_tag});
+  // Percentile clipping (§5): records each gradient's squared norm in its gnorm_vec (steps are
+  // the already incremented counts) and returns the gnorm_scales that step takes, as one float32
+  // tensor of len(grads) values (a list return would not functionalize with a mutation). One kernel for
+  // every device, built from ATen ops (clip.cpp), opaque to the compiler so that a compiled step
+  // clips with eager's bits.
+  m.def(
+      "percentile_clip(Tensor[] grads, Tensor(a!)[] gnorm_vecs, Tensor[] steps, int percentile) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
 }

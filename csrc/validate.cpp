@@ -159,4 +159,32 @@ void check_step_quantized(at::TensorList params, at::TensorList grads, at::Tenso
   check_optional_scalars("seeds", seeds, n, params[0], at::kLong);
 }
 
+void check_percentile_clip(at::TensorList grads, at::TensorList gnorm_vecs, at::TensorList steps,
+                           int64_t percentile) {
+  const size_t n = grads.size();
+  TORCH_CHECK_VALUE(gnorm_vecs.size() == n, "gnorm_vecs has ", gnorm_vecs.size(), " tensors but grads has ", n);
+  TORCH_CHECK_VALUE(steps.size() == n, "steps has ", steps.size(), " tensors but grads has ", n);
+  TORCH_CHECK_VALUE(percentile >= 1 && percentile <= 99, "percentile must be in [1, 99], got ", percentile);
+  for (size_t i = 0; i < n; ++i) {
+    const std::string gname = at_index("grads", i);
+    const std::string vname = at_index("gnorm_vecs", i);
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK_VALUE(g.device() == grads[0].device(), gname, " is on ", g.device().str(), " but grads[0] is on ",
+                      grads[0].device().str());
+    TORCH_CHECK_VALUE(g.layout() == at::kStrided, gname, " is sparse; only dense tensors are supported");
+    const auto dt = g.scalar_type();
+    TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, gname, " has dtype ",
+                      dtype_name(dt), " but must be float32, float16 or bfloat16");
+    TORCH_CHECK_VALUE(gnorm_vecs[i].device() == g.device(), vname, " is on ", gnorm_vecs[i].device().str(),
+                      " but ", gname, " is on ", g.device().str());
+    TORCH_CHECK_VALUE(gnorm_vecs[i].scalar_type() == at::kFloat && gnorm_vecs[i].dim() == 1 &&
+                          gnorm_vecs[i].numel() == 100 && gnorm_vecs[i].is_contiguous(),
+                      vname, " must be a contiguous float32 tensor of shape [100], got ",
+                      dtype_name(gnorm_vecs[i].scalar_type()), " of shape ", shape_str(gnorm_vecs[i].sizes()));
+    TORCH_CHECK_VALUE(steps[i].device() == g.device(), at_index("steps", i), " is on ", steps[i].device().str(),
+                      " but ", gname, " is on ", g.device().str());
+    check_scalar(at_index("steps", i), steps[i], at::kFloat);
+  }
+}
+
 }  // namespace adagrad8

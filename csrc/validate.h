@@ -28,6 +28,9 @@ void check_step_quantized(at::TensorList params, at::TensorList grads, at::Tenso
                           double eps, const std::optional<at::TensorList>& gnorm_scales,
                           int64_t block_size, const std::optional<at::TensorList>& seeds);
 
+void check_percentile_clip(at::TensorList grads, at::TensorList gnorm_vecs, at::TensorList steps,
+                           int64_t percentile);
+
 // Number of scales params of `numel` elements has with `block_size` (0: one per tensor).
 int64_t scale_count(int64_t numel, int64_t block_size);
 

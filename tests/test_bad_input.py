@@ -147,3 +147,40 @@ def test_device_mismatch_in_the_cpu_kernel(kind):
     with pytest.raises(ValueError) as fake:
         case.run()  # a meta tensor routes the call to the fake kernel
     assert str(fake.value) == message
+
+
+def _clip_args():
+    return [torch.randn(300), torch.randn(17)], [torch.full((100,), -1.0), torch.rand(100)], \
+        [torch.tensor(3.0), torch.tensor(3.0)], 90
+
+
+CLIP_CASES = [
+    ("vecs-length", lambda a: (a[0], a[1][:1], a[2], a[3]), "gnorm_vecs has 1 tensors but grads has 2"),
+    ("steps-length", lambda a: (a[0], a[1], a[2] + a[2], a[3]), "steps has 4 tensors but grads has 2"),
+    ("percentile-100", lambda a: (*a[:3], 100), "percentile must be in [1, 99], got 100"),
+    ("percentile-0", lambda a: (*a[:3], 0), "percentile must be in [1, 99], got 0"),
+    ("grad-dtype", lambda a: ([a[0][0], a[0][1].double()], *a[1:]),
+     "grads[1] has dtype float64 but must be float32, float16 or bfloat16"),
+    ("vec-shape", lambda a: (a[0], [a[1][0], a[1][1][:99]], *a[2:]),
+     "gnorm_vecs[1] must be a contiguous float32 tensor of shape [100], got float32 of shape [99]"),
+    ("vec-dtype", lambda a: (a[0], [a[1][0].double(), a[1][1]], *a[2:]),
+     "gnorm_vecs[0] must be a contiguous float32 tensor of shape [100], got float64 of shape [100]"),
+    ("step-dtype", lambda a: (*a[:2], [a[2][0], a[2][1].long()], a[3]),
+     "steps[1] must hold one float32 value, got int64 with 1 elements"),
+]
+
+
+@pytest.mark.parametrize("mutate,message", [c[1:] for c in CLIP_CASES], ids=[c[0] for c in CLIP_CASES])
+def test_percentile_clip_eager_and_fake_agree(mutate, message):
+    args = mutate(_clip_args())
+    before = [v.clone() for v in args[1]]
+    op = torch.ops.adagrad8.percentile_clip.default
+    with pytest.raises(ValueError) as eager:
+        op(*args)
+    assert str(eager.value) == message
+    assert all(torch.equal(v, b) for v, b in zip(args[1], before))
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as traced:
+        torch.compile(lambda a: op(*a), fullgraph=True, backend="eager")(args)
+    assert message in list(_messages(traced.value)), str(traced.value)
+    assert all(torch.equal(v, b) for v, b in zip(args[1], before))

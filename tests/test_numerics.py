@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -200,3 +201,21 @@ def test_any_sorted_map_matches_reference(stochastic):
         args[4] = qmap.contiguous()
         case.args = tuple(args)
         check_against_reference(case)
+
+
+def test_percentile_clip_follows_section_5():
+    """adagrad8::percentile_clip against plain Python: history slots, percentile and scale."""
+    from torch_adagrad8 import _ops
+
+    gen = torch.Generator().manual_seed(3)
+    grad_list = [torch.randn(500, generator=gen) * (1 + (t % 7)) for t in range(1, 131)]
+    vec, history = torch.full((100,), -1.0), None
+    for t, g in enumerate(grad_list, start=1):
+        (scale,) = _ops.percentile_clip([g], [vec], [torch.tensor(float(t))], 20)
+        n2 = float((g.double() ** 2).sum())
+        history = [n2] * 100 if history is None else history
+        history[t % 100] = n2
+        clip, current = math.sqrt(sorted(history)[20]), math.sqrt(n2)
+        want = clip / current if current > clip else 1.0
+        assert vec.double().tolist() == pytest.approx(history, rel=1e-5)
+        assert scale.item() == pytest.approx(want, rel=1e-5)

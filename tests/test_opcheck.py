@@ -23,3 +23,21 @@ def samples():
 def test_opcheck(kind, dtype, sizes, options):
     case = make_case(sizes, dtype, kind, **options)
     torch.library.opcheck(case.overload, case.args, case.kwargs, test_utils=UTILS)
+
+
+def clip_args(dtype, sizes, step, fresh):
+    """percentile_clip inputs: some histories fresh (NO_HISTORY), the others partly filled."""
+    gen = torch.Generator().manual_seed(len(sizes))
+    grads = [torch.randn(s, generator=gen).to(dtype) for s in sizes]
+    vecs = [torch.full((100,), -1.0) if fresh else torch.rand(100, generator=gen) * 50 for _ in sizes]
+    return grads, vecs, [torch.tensor(float(step)) for _ in sizes]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sizes", [[(300,), (17,)], [(0,), (64, 65)], []], ids=str)
+@pytest.mark.parametrize("step,fresh,percentile", [(1, True, 90), (7, False, 5), (150, False, 99), (42, True, 50)],
+                         ids=str)
+def test_opcheck_percentile_clip(dtype, sizes, step, fresh, percentile):
+    grads, vecs, steps = clip_args(dtype, sizes, step, fresh)
+    torch.library.opcheck(torch.ops.adagrad8.percentile_clip.default, (grads, vecs, steps, percentile),
+                          test_utils=UTILS)

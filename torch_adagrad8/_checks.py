@@ -136,3 +136,22 @@ def check_step_quantized(
             f"{aname} has {absmax[i].numel()} elements but params[{i}] needs {need} for block_size {block_size}",
         )
     _optional_scalars("seeds", seeds, n, params[0], torch.int64)
+
+
+def check_percentile_clip(grads, gnorm_vecs, steps, percentile) -> None:
+    n = len(grads)
+    _check(len(gnorm_vecs) == n, f"gnorm_vecs has {len(gnorm_vecs)} tensors but grads has {n}")
+    _check(len(steps) == n, f"steps has {len(steps)} tensors but grads has {n}")
+    _check(1 <= percentile <= 99, f"percentile must be in [1, 99], got {percentile}")
+    for i, g in enumerate(grads):
+        gname, vname, v = f"grads[{i}]", f"gnorm_vecs[{i}]", gnorm_vecs[i]
+        _check(g.device == grads[0].device, f"{gname} is on {g.device} but grads[0] is on {grads[0].device}")
+        _sparse(gname, g)
+        _check(g.dtype in _PARAM_DTYPES, f"{gname} has dtype {_name(g.dtype)} but must be float32, float16 or bfloat16")
+        _check(v.device == g.device, f"{vname} is on {v.device} but {gname} is on {g.device}")
+        _check(
+            v.dtype == torch.float32 and v.dim() == 1 and v.numel() == 100 and v.is_contiguous(),
+            f"{vname} must be a contiguous float32 tensor of shape [100], got {_name(v.dtype)} of shape {_shape(v)}",
+        )
+        _check(steps[i].device == g.device, f"steps[{i}] is on {steps[i].device} but {gname} is on {g.device}")
+        _scalar(f"steps[{i}]", steps[i], torch.float32)

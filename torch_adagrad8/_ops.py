@@ -1,8 +1,8 @@
 """The adagrad8 custom ops: loads the compiled library, registers the fake kernels, and
 offers typed wrappers.
 
-Schemas live in csrc/ops.cpp. The fake kernels only validate (the ops return nothing and
-mutate their inputs in place); they raise exactly what the C++ kernels raise.
+Schemas live in csrc/ops.cpp. The fake kernels validate, raising exactly what the C++ kernels raise, and
+make the outputs (only percentile_clip has any: the step ops mutate their inputs in place).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch_adagrad8 import _build_info  # noqa: E402  (written by CMake next to 
 
 STEP = "adagrad8::step"
 STEP_QUANTIZED = "adagrad8::step.quantized"
+PERCENTILE_CLIP = "adagrad8::percentile_clip"
 
 
 @torch.library.register_fake(STEP)
@@ -40,6 +41,12 @@ def _step_quantized_fake(params, grads, codes, absmax, qmap, steps, lr, lr_decay
                          gnorm_scales=None, skip_zeros=False, block_size=256, seeds=None):
     _checks.check_step_quantized(params, grads, codes, absmax, qmap, steps, lr, lr_decay, weight_decay, eps,
                                  gnorm_scales, block_size, seeds)
+
+
+@torch.library.register_fake(PERCENTILE_CLIP)
+def _percentile_clip_fake(grads, gnorm_vecs, steps, percentile):
+    _checks.check_percentile_clip(grads, gnorm_vecs, steps, percentile)
+    return grads[0].new_empty((len(grads),), dtype=torch.float32) if grads else torch.empty(0)
 
 
 # Devices without a native kernel run reference.py (CUDA too, when built without it).
@@ -75,3 +82,13 @@ def step_quantized(params: Sequence[Tensor], grads: Sequence[Tensor], codes: Seq
     """
     torch.ops.adagrad8.step.quantized(params, grads, codes, absmax, qmap, steps, lr, lr_decay, weight_decay, eps,
                                       maximize, gnorm_scales, skip_zeros, block_size, seeds)
+
+
+def percentile_clip(grads: Sequence[Tensor], gnorm_vecs: Sequence[Tensor], steps: Sequence[Tensor],
+                    percentile: int) -> tuple[Tensor, ...]:
+    """Percentile clipping (`adagrad8::percentile_clip`): records each gradient's squared norm in its
+    gnorm_vec and returns the gnorm_scales for step / step_quantized (0-dim views of the op's output). steps are already incremented.
+
+    A gnorm_vec whose first value is -1 (NO_HISTORY) holds no history yet: it is filled with this norm.
+    """
+    return torch.ops.adagrad8.percentile_clip.default(grads, gnorm_vecs, steps, percentile).unbind()

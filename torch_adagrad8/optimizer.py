@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from torch_adagrad8 import _checks, _ops, checkpoint, qmap as Q
+from torch_adagrad8 import checkpoint, functional as F, qmap as Q
 from torch_adagrad8.checkpoint import real as _real
 from torch_adagrad8.manager import GlobalOptimManager
 
@@ -218,22 +218,12 @@ class Adagrad(torch.optim.Optimizer):
         return qmap
 
     def _new_state(self, p: Tensor, config: dict, index: int) -> dict:
-        """The state a parameter starts with."""
-        state: dict = {}
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        init = float(config["initial_accumulator_value"])
-        if self._eight_bit(config, p):
-            # Every element starts at init (both parts of a complex pair, like torch): every block
-            # has scale init and the code of init / init. Quantize that one value, then fill.
-            qmap = self._map_on(config, p.device)
-            block = self._block(config)
-            code, scale = Q.quantize(torch.full((1,), init, device=p.device), qmap, 0)
-            shape = _real(p).shape
-            state["state1"] = code.reshape(()).expand(shape).contiguous()
-            state["absmax1"] = scale.expand(Q.scale_count(shape.numel(), block)).contiguous()
-            state["qmap1"] = qmap
-        else:  # complex parameters: real pairs, both parts starting at the value (like torch)
-            state["sum"] = torch.full(_real(p).shape, init, dtype=torch.float32, device=p.device)
+        """The state a parameter starts with (complex parameters: as real pairs, both parts
+        starting at initial_accumulator_value, like torch)."""
+        eight_bit = self._eight_bit(config, p)
+        state = F.init_state(_real(p), optim_bits=8 if eight_bit else 32,
+                             initial_accumulator_value=config["initial_accumulator_value"],
+                             block_size=self._block(config), qmap=self._map_on(config, p.device) if eight_bit else None)
         return {**state, **self._missing_state(p, state, config, index)}
 
     def _missing_state(self, p: Tensor, state: dict, config: dict, index: int) -> dict:
@@ -242,7 +232,7 @@ class Adagrad(torch.optim.Optimizer):
         the history then starts over."""
         extra = {}
         if config["percentile_clipping"] < 100 and "gnorm_vec" not in state:
-            extra["gnorm_vec"] = torch.full((100,), NO_HISTORY, dtype=torch.float32, device=p.device)
+            extra["gnorm_vec"] = F.new_history(p.device)
         if config["stochastic_rounding"] and "seed" not in state:
             extra["seed"] = self._seed(index, p.device)
         return extra
@@ -271,16 +261,6 @@ class Adagrad(torch.optim.Optimizer):
         return checkpoint.torch_state_dict(self)
 
     # ---- step ----------------------------------------------------------------------------
-
-    def _lr_tensor(self, lr: float | Tensor, gi: int, device: torch.device) -> Tensor:
-        """lr as the float32 tensor on device that the op reads; a float lr goes into a cached
-        tensor, filled right before its op call (_run_call)."""
-        if isinstance(lr, Tensor):
-            return lr.to(device=device, dtype=torch.float32)
-        cache = self.__dict__.setdefault("_lr_cache", {})
-        if (gi, device) not in cache:
-            cache[(gi, device)] = torch.zeros((), dtype=torch.float32, device=device)
-        return cache[(gi, device)]
 
     def _lr_key(self, group: dict, p: Tensor, config: dict) -> Any:
         """What tells p's lr apart from the other lrs of its group, for grouping op calls. Never the
@@ -325,6 +305,22 @@ class Adagrad(torch.optim.Optimizer):
             raise ValueError(f"{self._name(gi, pi)}: its 8-bit state has {state['absmax1'].numel()} scales, which "
                              f"block_wise={config['block_wise']}, block_size={config['block_size']} does not give")
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim.Optimizer.zero_grad, in a form torch.compile traces (it skips the base
+        class's), so that a compiled training step can call it."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         loss = None
@@ -351,57 +347,32 @@ class Adagrad(torch.optim.Optimizer):
             calls.setdefault(key, []).append((p, state, config))
 
         # Everything is checked before anything is written: arguments of every call first.
-        prepared = [self._prepare_call(gi, device, members) for (gi, device, *_), members in calls.items()]
+        prepared = [self._prepare_call(members) for members in calls.values()]
         for p, extra in additions.items():
             self.state[p].update(extra)
         for call in prepared:
-            self._run_call(*call)
+            self._run_calls(*call)
         self._step_called[0] = True  # _opt_called
         return loss
 
-    def _prepare_call(self, gi: int, device: torch.device, members: list) -> tuple:
-        """The op arguments of parameters that share every constant of a step, checked.
+    def _prepare_call(self, members: list) -> tuple:
+        """The checked op calls of parameters that share every constant of a step.
 
         A complex or non-contiguous parameter steps through a contiguous real copy that is copied
         back afterwards (a view of it would not survive torch.compile's functionalization)."""
         config = members[0][2]
         params = [_writable(p) for p, _, _ in members]
-        grads = [_real(p.grad).contiguous() for p, _, _ in members]
-        states = [s for _, s, _ in members]
-        steps = [s["step"] for s in states]
-        common = dict(lr=self._lr_tensor(config["lr"], gi, device), lr_decay=float(config["lr_decay"]),
-                      weight_decay=float(config["weight_decay"]), eps=float(config["eps"]),
-                      maximize=config["maximize"], skip_zeros=config["skip_zeros"])
-        hyper = (common["lr"], common["lr_decay"], common["weight_decay"], common["eps"], None)
-        if "state1" in states[0]:
-            codes, absmax = [s["state1"] for s in states], [s["absmax1"] for s in states]
-            seeds = [s["seed"] for s in states] if config["stochastic_rounding"] else None
-            _checks.check_step_quantized(params, grads, codes, absmax, states[0]["qmap1"], steps, *hyper,
-                                         self._block(config), seeds)
-            args = (codes, absmax, states[0]["qmap1"], dict(block_size=self._block(config), seeds=seeds))
-        else:
-            sums = [s["sum"] for s in states]
-            _checks.check_step(params, grads, sums, steps, *hyper)
-            args = (sums,)
-        return members, params, grads, steps, config, common, args
+        calls = F.plan(params, [_real(p.grad).contiguous() for p, _, _ in members], [s for _, s, _ in members],
+                       lr=config["lr"], lr_decay=config["lr_decay"], weight_decay=config["weight_decay"],
+                       eps=config["eps"], maximize=config["maximize"],
+                       percentile_clipping=config["percentile_clipping"], skip_zeros=config["skip_zeros"],
+                       block_size=self._block(config), stochastic_rounding=config["stochastic_rounding"])
+        return members, params, calls
 
     @staticmethod
-    def _run_call(members, params, grads, steps, config, common, args) -> None:
-        if not isinstance(config["lr"], Tensor):
-            # Not fill_(lr): torch.compile specializes a float given to fill_ (one recompile per
-            # new lr); added to a tensor it stays a graph input. 0 + lr rounds like fill_.
-            common["lr"].zero_().add_(config["lr"])
-        torch._foreach_add_(steps, 1)
-        gnorm_scales = None
-        if config["percentile_clipping"] < 100:
-            gnorm_scales = [percentile_scale(g, s["gnorm_vec"], s["step"], config["percentile_clipping"])
-                            for g, (_, s, _) in zip(grads, members)]
-        if len(args) == 1:
-            _ops.step(params, grads, args[0], steps, gnorm_scales=gnorm_scales, **common)
-        else:
-            codes, absmax, qmap, extra = args
-            _ops.step_quantized(params, grads, codes, absmax, qmap, steps, gnorm_scales=gnorm_scales, **common,
-                                **extra)
+    def _run_calls(members: list, params: list, calls: list) -> None:
+        for call in calls:
+            call.run()
         for (p, _, _), work in zip(members, params):
             if work is not p:  # a copy: write the result back
                 p.copy_(torch.view_as_complex(work) if p.is_complex() else work)
@@ -413,23 +384,6 @@ def _writable(p: Tensor) -> Tensor:
     if p.is_complex():
         return torch.view_as_real(p).clone(memory_format=torch.contiguous_format)
     return p if p.is_contiguous() else p.contiguous()
-
-
-NO_HISTORY = -1.0  # gnorm_vec's first slot when there is no history yet: the next step fills every slot
-
-
-def percentile_scale(grad: Tensor, gnorm_vec: Tensor, step: Tensor, percentile: int) -> Tensor:
-    """ALGORITHM.md §5, all on the gradient's device: record this step's squared norm in
-    gnorm_vec (every slot on the first step, or when there is no history), return clip / norm if
-    the norm exceeds the percentile-th smallest recorded norm, else 1."""
-    n2 = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
-    slot = torch.remainder(step, 100).long().reshape(1)
-    fresh = (step == 1) | (gnorm_vec[0] == NO_HISTORY)
-    filled = torch.where(fresh, n2.expand(100), gnorm_vec.index_put((slot,), n2.reshape(1)))
-    gnorm_vec.copy_(filled)
-    clip = torch.sort(gnorm_vec).values[percentile].sqrt()
-    current = n2.sqrt()
-    return torch.where(current > clip, clip / current, torch.ones_like(current))
 
 
 class Adagrad8bit(Adagrad):

@@ -1,0 +1,152 @@
+"""Adagrad over explicit tensors: what the optimizer classes run, for code that keeps params, grads
+and state itself (a custom loop, a module that torch.export exports with its step inside).
+
+A state is a dict of tensors on its parameter's device, in the optimizer's layout (optimizer.py):
+``step``; ``sum`` (32-bit) or ``state1`` / ``absmax1`` / ``qmap1`` (8-bit); ``gnorm_vec`` for
+percentile clipping; ``seed`` for stochastic rounding. ``init_state`` makes one.
+
+    states = [F.init_state(p, optim_bits=8) for p in params]
+    F.adagrad(params, grads, states, lr=0.01)
+
+Parameters must be real (float32, float16, bfloat16) and contiguous. Nothing here reads a value
+on the host, and a failing call raises before it writes anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from torch_adagrad8 import _checks, _ops, qmap as Q
+
+NO_HISTORY = -1.0  # gnorm_vec's first value while it holds no history: the next step fills every slot (clip.cpp)
+
+
+def new_history(device: torch.device) -> Tensor:
+    """An empty percentile-clipping history (gnorm_vec)."""
+    return torch.full((100,), NO_HISTORY, dtype=torch.float32, device=device)
+
+
+def init_state(param: Tensor, *, optim_bits: int = 32, initial_accumulator_value: float = 0.0,
+               block_size: int = 256, qmap: Optional[Tensor] = None, percentile_clipping: int = 100,
+               seed: Optional[int] = None) -> dict[str, Tensor]:
+    """A fresh state for param. 8-bit: block_size elements per scale (0: one scale per tensor) and
+    qmap (default: the unsigned map on param's device; states that share one map tensor share op
+    calls). seed: the stochastic-rounding seed, if it will be on."""
+    device = param.device
+    init = float(initial_accumulator_value)
+    state = {"step": torch.zeros((), dtype=torch.float32, device=device)}
+    if optim_bits == 8:
+        qmap = Q.unsigned_map().to(device) if qmap is None else qmap
+        # Every element starts at init: every block has scale init and the code of init / init.
+        code, scale = Q.quantize(torch.full((1,), init, device=device), qmap, 0)
+        state["state1"] = code.reshape(()).expand(param.shape).contiguous()
+        state["absmax1"] = scale.expand(Q.scale_count(param.numel(), block_size)).contiguous()
+        state["qmap1"] = qmap
+    elif optim_bits == 32:
+        state["sum"] = torch.full(param.shape, init, dtype=torch.float32, device=device)
+    else:
+        raise ValueError(f"Invalid optim_bits: {optim_bits!r} (must be 8 or 32)")
+    if percentile_clipping < 100:
+        state["gnorm_vec"] = new_history(device)
+    if seed is not None:
+        state["seed"] = torch.tensor(seed, dtype=torch.int64, device=device)
+    return state
+
+
+@dataclass
+class OpCall:
+    """One checked op call of a step: params that share device, dtype, state kind and map."""
+    op: Callable[..., None]
+    args: tuple
+    kwargs: dict[str, Any]
+    grads: list[Tensor]
+    steps: list[Tensor]
+    gnorm_vecs: Optional[list[Tensor]]
+    percentile: int
+
+    def run(self) -> None:
+        torch._foreach_add_(self.steps, 1)
+        scales = None
+        if self.gnorm_vecs is not None:
+            scales = _ops.percentile_clip(self.grads, self.gnorm_vecs, self.steps, self.percentile)
+        self.op(*self.args, gnorm_scales=scales, **self.kwargs)
+
+
+def lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
+    """lr as the float32 tensor on device that the ops read. A float is added to zeros, not
+    filled: torch.compile specializes a float given to fill_ (one recompile per new lr), while an
+    added one stays a graph input. 0 + lr rounds like fill_."""
+    if isinstance(lr, Tensor):
+        return lr.to(device=device, dtype=torch.float32)
+    return torch.zeros((), dtype=torch.float32, device=device).add_(lr)
+
+
+def plan(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], *, lr: float | Tensor,
+         lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10, maximize: bool = False,
+         percentile_clipping: int = 100, skip_zeros: bool = False, block_size: int = 256,
+         stochastic_rounding: bool = False) -> list[OpCall]:
+    """The checked op calls of one step, one per (device, dtype, state kind, map); writes nothing."""
+    if not len(params) == len(grads) == len(states):
+        raise ValueError(f"params, grads and states have {len(params)}, {len(grads)} and {len(states)} entries; "
+                         "they must match")
+    groups: list[tuple[tuple, Optional[Tensor], list[int]]] = []
+    for i, (p, state) in enumerate(zip(params, states)):
+        eight_bit = "state1" in state
+        if not eight_bit and "sum" not in state:
+            raise ValueError(f"states[{i}] has neither 'sum' (32-bit) nor 'state1' (8-bit); make it with init_state")
+        for key in (["gnorm_vec"] if percentile_clipping < 100 else []) + (
+                ["seed"] if stochastic_rounding and eight_bit else []):
+            if key not in state:
+                raise ValueError(f"states[{i}] has no '{key}', which percentile_clipping={percentile_clipping}, "
+                                 f"stochastic_rounding={stochastic_rounding} need; make it with init_state")
+        qmap = state.get("qmap1")
+        key = (p.device, p.dtype, eight_bit)
+        # Maps are told apart by identity (`is`): id() and data_ptr() do not survive torch.compile.
+        group = next((g for g in groups if g[0] == key and g[1] is qmap), None)
+        if group is None:
+            groups.append((key, qmap, [i]))
+        else:
+            group[2].append(i)
+    return [_op_call(params, grads, states, members, lr, lr_decay, weight_decay, eps, maximize, percentile_clipping,
+                     skip_zeros, block_size, stochastic_rounding) for _, _, members in groups]
+
+
+def _op_call(params, grads, states, members, lr, lr_decay, weight_decay, eps, maximize, percentile_clipping,
+             skip_zeros, block_size, stochastic_rounding) -> OpCall:
+    ps = [params[i] for i in members]
+    gs = [grads[i] for i in members]
+    sts = [states[i] for i in members]
+    steps = [s["step"] for s in sts]
+    hyper = dict(lr=lr_tensor(lr, ps[0].device), lr_decay=float(lr_decay), weight_decay=float(weight_decay),
+                 eps=float(eps), maximize=maximize, skip_zeros=skip_zeros)
+    gnorm_vecs = None
+    if percentile_clipping < 100:
+        gnorm_vecs = [s["gnorm_vec"] for s in sts]
+        _checks.check_percentile_clip(gs, gnorm_vecs, steps, percentile_clipping)
+    if "state1" in sts[0]:
+        codes, absmax, qmap = [s["state1"] for s in sts], [s["absmax1"] for s in sts], sts[0]["qmap1"]
+        seeds = [s["seed"] for s in sts] if stochastic_rounding else None
+        _checks.check_step_quantized(ps, gs, codes, absmax, qmap, steps, hyper["lr"], hyper["lr_decay"],
+                                     hyper["weight_decay"], hyper["eps"], None, block_size, seeds)
+        return OpCall(_ops.step_quantized, (ps, gs, codes, absmax, qmap, steps),
+                      dict(hyper, block_size=block_size, seeds=seeds), gs, steps, gnorm_vecs, percentile_clipping)
+    sums = [s["sum"] for s in sts]
+    _checks.check_step(ps, gs, sums, steps, hyper["lr"], hyper["lr_decay"], hyper["weight_decay"], hyper["eps"])
+    return OpCall(_ops.step, (ps, gs, sums, steps), hyper, gs, steps, gnorm_vecs, percentile_clipping)
+
+
+def adagrad(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], *, lr: float | Tensor,
+            lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10, maximize: bool = False,
+            percentile_clipping: int = 100, skip_zeros: bool = False, block_size: int = 256,
+            stochastic_rounding: bool = False) -> None:
+    """One Adagrad step (ALGORITHM.md §2-§5) in place on params and states; one op call per
+    (device, dtype, state kind, map). Every call is checked before the first one runs."""
+    calls = plan(params, grads, states, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
+                 maximize=maximize, percentile_clipping=percentile_clipping, skip_zeros=skip_zeros,
+                 block_size=block_size, stochastic_rounding=stochastic_rounding)
+    for call in calls:
+        call.run()
