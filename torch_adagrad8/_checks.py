@@ -9,7 +9,7 @@ that they also work on symbolic sizes while tracing.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -27,38 +27,41 @@ def _shape(t: Tensor) -> str:
     return str(list(t.shape))
 
 
-def _check(cond, message: str) -> None:
-    torch._check_value(cond, lambda: message)
+def _check(cond, message: Callable[[], str]) -> None:
+    """message is built only on failure: the checks run on every eager step."""
+    if cond is True:  # concrete and true; a symbolic condition (tracing) is a SymBool
+        return
+    torch._check_value(cond, message)
 
 
 def _lengths(name: str, n: int, expected: int) -> None:
-    _check(n == expected, f"{name} has {n} tensors but params has {expected}")
+    _check(n == expected, lambda: f"{name} has {n} tensors but params has {expected}")
 
 
 def _device(name: str, t: Tensor, ref: Tensor) -> None:
-    _check(t.device == ref.device, f"{name} is on {t.device} but params[0] is on {ref.device}")
+    _check(t.device == ref.device, lambda: f"{name} is on {t.device} but params[0] is on {ref.device}")
 
 
 def _scalar(name: str, t: Tensor, dtype: torch.dtype) -> None:
     _check(
         t.dtype == dtype and t.numel() == 1,
-        f"{name} must hold one {_name(dtype)} value, got {_name(t.dtype)} with {t.numel()} elements",
+        lambda: f"{name} must hold one {_name(dtype)} value, got {_name(t.dtype)} with {t.numel()} elements",
     )
 
 
 def _hyper(name: str, v: float) -> None:
-    _check(math.isfinite(v) and v >= 0.0, f"{name} must be finite and >= 0, got {v:g}")
+    _check(math.isfinite(v) and v >= 0.0, lambda: f"{name} must be finite and >= 0, got {v:g}")
 
 
 def _sparse(name: str, t: Tensor) -> None:
-    _check(t.layout == torch.strided, f"{name} is sparse; only dense tensors are supported")
+    _check(t.layout == torch.strided, lambda: f"{name} is sparse; only dense tensors are supported")
 
 
 def _like_param(name: str, t: Tensor, p: Tensor, i: int, dtype: torch.dtype) -> None:
     _sparse(name, t)
-    _check(t.dtype == dtype, f"{name} has dtype {_name(t.dtype)} but must be {_name(dtype)}")
-    _check(t.shape == p.shape, f"{name} has shape {_shape(t)} but params[{i}] has shape {_shape(p)}")
-    _check(t.is_contiguous(), f"{name} must be contiguous")
+    _check(t.dtype == dtype, lambda: f"{name} has dtype {_name(t.dtype)} but must be {_name(dtype)}")
+    _check(t.shape == p.shape, lambda: f"{name} has shape {_shape(t)} but params[{i}] has shape {_shape(p)}")
+    _check(t.is_contiguous(), lambda: f"{name} must be contiguous")
 
 
 def _optional_scalars(name: str, tensors: Optional[Sequence[Tensor]], n: int, ref: Tensor, dtype: torch.dtype) -> None:
@@ -89,10 +92,10 @@ def check_common(params, grads, state_name, state, steps, lr, lr_decay, weight_d
         _sparse(pname, p)
         _check(
             p.dtype in _PARAM_DTYPES,
-            f"{pname} has dtype {_name(p.dtype)} but must be float32, float16 or bfloat16",
+            lambda: f"{pname} has dtype {_name(p.dtype)} but must be float32, float16 or bfloat16",
         )
-        _check(p.dtype == p0.dtype, f"{pname} has dtype {_name(p.dtype)} but params[0] has dtype {_name(p0.dtype)}")
-        _check(p.is_contiguous(), f"{pname} must be contiguous")
+        _check(p.dtype == p0.dtype, lambda: f"{pname} has dtype {_name(p.dtype)} but params[0] has dtype {_name(p0.dtype)}")
+        _check(p.is_contiguous(), lambda: f"{pname} must be contiguous")
         _device(f"grads[{i}]", grads[i], p0)
         _like_param(f"grads[{i}]", grads[i], p, i, p.dtype)
         _device(f"{state_name}[{i}]", state[i], p0)
@@ -113,10 +116,10 @@ def check_step_quantized(
     check_common(params, grads, "codes", codes, steps, lr, lr_decay, weight_decay, eps, gnorm_scales)
     n = len(params)
     _lengths("absmax", len(absmax), n)
-    _check(block_size >= 0, f"block_size must be >= 1, or 0 for one block per tensor, got {block_size}")
+    _check(block_size >= 0, lambda: f"block_size must be >= 1, or 0 for one block per tensor, got {block_size}")
     _check(
         qmap.dtype == torch.float32 and qmap.numel() == MAP_SIZE and qmap.is_contiguous(),
-        f"qmap must be a contiguous float32 tensor of {MAP_SIZE} elements, got {_name(qmap.dtype)} "
+        lambda: f"qmap must be a contiguous float32 tensor of {MAP_SIZE} elements, got {_name(qmap.dtype)} "
         f"with {qmap.numel()} elements",
     )
     if n == 0:
@@ -129,29 +132,29 @@ def check_step_quantized(
         need = scale_count(p.numel(), block_size)
         _check(
             absmax[i].dtype == torch.float32 and absmax[i].is_contiguous(),
-            f"{aname} must be a contiguous float32 tensor",
+            lambda: f"{aname} must be a contiguous float32 tensor",
         )
         _check(
             absmax[i].numel() == need,
-            f"{aname} has {absmax[i].numel()} elements but params[{i}] needs {need} for block_size {block_size}",
+            lambda: f"{aname} has {absmax[i].numel()} elements but params[{i}] needs {need} for block_size {block_size}",
         )
     _optional_scalars("seeds", seeds, n, params[0], torch.int64)
 
 
 def check_percentile_clip(grads, gnorm_vecs, steps, percentile) -> None:
     n = len(grads)
-    _check(len(gnorm_vecs) == n, f"gnorm_vecs has {len(gnorm_vecs)} tensors but grads has {n}")
-    _check(len(steps) == n, f"steps has {len(steps)} tensors but grads has {n}")
-    _check(1 <= percentile <= 99, f"percentile must be in [1, 99], got {percentile}")
+    _check(len(gnorm_vecs) == n, lambda: f"gnorm_vecs has {len(gnorm_vecs)} tensors but grads has {n}")
+    _check(len(steps) == n, lambda: f"steps has {len(steps)} tensors but grads has {n}")
+    _check(1 <= percentile <= 99, lambda: f"percentile must be in [1, 99], got {percentile}")
     for i, g in enumerate(grads):
         gname, vname, v = f"grads[{i}]", f"gnorm_vecs[{i}]", gnorm_vecs[i]
-        _check(g.device == grads[0].device, f"{gname} is on {g.device} but grads[0] is on {grads[0].device}")
+        _check(g.device == grads[0].device, lambda: f"{gname} is on {g.device} but grads[0] is on {grads[0].device}")
         _sparse(gname, g)
-        _check(g.dtype in _PARAM_DTYPES, f"{gname} has dtype {_name(g.dtype)} but must be float32, float16 or bfloat16")
-        _check(v.device == g.device, f"{vname} is on {v.device} but {gname} is on {g.device}")
+        _check(g.dtype in _PARAM_DTYPES, lambda: f"{gname} has dtype {_name(g.dtype)} but must be float32, float16 or bfloat16")
+        _check(v.device == g.device, lambda: f"{vname} is on {v.device} but {gname} is on {g.device}")
         _check(
             v.dtype == torch.float32 and v.dim() == 1 and v.numel() == 100 and v.is_contiguous(),
-            f"{vname} must be a contiguous float32 tensor of shape [100], got {_name(v.dtype)} of shape {_shape(v)}",
+            lambda: f"{vname} must be a contiguous float32 tensor of shape [100], got {_name(v.dtype)} of shape {_shape(v)}",
         )
-        _check(steps[i].device == g.device, f"steps[{i}] is on {steps[i].device} but {gname} is on {g.device}")
+        _check(steps[i].device == g.device, lambda: f"steps[{i}] is on {steps[i].device} but {gname} is on {g.device}")
         _scalar(f"steps[{i}]", steps[i], torch.float32)
