@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 import torch_adagrad8 as A
+from bench import timed  # tools/bench.py, beside this script
 
 MODELS = {
     "32 params": [1 << 20] * 16 + [1 << 10] * 16,
@@ -44,17 +44,6 @@ def make_params(sizes: list[int]) -> list[torch.nn.Parameter]:
     return params
 
 
-def median_seconds(step, reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
 def measure(model: str, name: str, compiled: bool, reps: int, warmup: int) -> dict:
     params = make_params(MODELS[model])
     opt = OPTIMIZERS[name](params)
@@ -68,7 +57,7 @@ def measure(model: str, name: str, compiled: bool, reps: int, warmup: int) -> di
         start = time.perf_counter()
         step()
         compile_s = time.perf_counter() - start
-    ms = median_seconds(step, reps, warmup) * 1e3
+    ms = timed(step, reps, warmup) * 1e3
     return dict(model=model, optimizer=name, mode="compiled" if compiled else "eager", ms=ms, compile_s=compile_s)
 
 
