@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
+import tempfile
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
+# Compile times are cold: inductor's caches start empty (set before torch reads it).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench_compile_"))
 
-import torch_adagrad8 as A
-from bench import timed  # tools/bench.py, beside this script
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import torch_adagrad8 as A  # noqa: E402
 
 MODELS = {
     "32 params": [1 << 20] * 16 + [1 << 10] * 16,
@@ -44,21 +49,39 @@ def make_params(sizes: list[int]) -> list[torch.nn.Parameter]:
     return params
 
 
-def measure(model: str, name: str, compiled: bool, reps: int, warmup: int) -> dict:
-    params = make_params(MODELS[model])
-    opt = OPTIMIZERS[name](params)
-    opt.step()  # state exists: the compiled graph is the steady-state step
-    step = opt.step
-    compile_s = None
-    if compiled:
-        torch._dynamo.reset()
-        # torch.optim's step has a deliberate graph break (Optimizer._use_grad): no fullgraph there.
-        step = torch.compile(opt.step, fullgraph=name.startswith("adagrad8"))
-        start = time.perf_counter()
-        step()
-        compile_s = time.perf_counter() - start
-    ms = timed(step, reps, warmup) * 1e3
-    return dict(model=model, optimizer=name, mode="compiled" if compiled else "eager", ms=ms, compile_s=compile_s)
+def interleaved(steps: dict, reps: int, warmup: int) -> dict:
+    """Median seconds per call of each step, timed in alternation (order flipped every round) so
+    that the machine's noise falls on all of them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples = {name: [] for name in steps}
+    order = list(steps)
+    for rep in range(reps):
+        for name in order if rep % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            steps[name]()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def measure(model: str, name: str, reps: int, warmup: int) -> list[dict]:
+    """Eager and (for COMPILED) compiled steps of one optimizer on one model, each on its own copy."""
+    steps, compile_s = {}, None
+    for mode in ("eager", "compiled") if name in COMPILED else ("eager",):
+        opt = OPTIMIZERS[name](make_params(MODELS[model]))
+        opt.step()  # state exists: the compiled graph is the steady-state step
+        steps[mode] = opt.step
+        if mode == "compiled":
+            torch._dynamo.reset()
+            # torch.optim's step has a deliberate graph break (Optimizer._use_grad): no fullgraph there.
+            steps[mode] = torch.compile(opt.step, fullgraph=name.startswith("adagrad8"))
+            start = time.perf_counter()
+            steps[mode]()
+            compile_s = time.perf_counter() - start
+    seconds = interleaved(steps, reps, warmup)
+    return [dict(model=model, optimizer=name, mode=mode, ms=s * 1e3, compile_s=compile_s if mode == "compiled" else None)
+            for mode, s in seconds.items()]
 
 
 def main() -> None:
@@ -69,11 +92,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("out/bench_compile"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    jobs = [(m, o, c) for m in MODELS for o in OPTIMIZERS for c in (False, True) if not c or o in COMPILED]
-    rows = [measure(m, o, c, args.reps, args.warmup) for m, o, c in tqdm(jobs, desc="bench_compile", unit="case")]
+    jobs = [(m, o) for m in MODELS for o in OPTIMIZERS]
+    rows = [row for m, o in tqdm(jobs, desc="bench_compile", unit="case") for row in measure(m, o, args.reps, args.warmup)]
 
     eager = {(r["model"], r["optimizer"]): r["ms"] for r in rows if r["mode"] == "eager"}
-    print(f"\ntorch {torch.__version__}, {args.threads} threads, median of {args.reps} steps\n")
+    print(f"\ntorch {torch.__version__}, {args.threads} threads, median of {args.reps} steps, eager and "
+          "compiled timed in alternation\n")
     print(f"{'model':<11} {'optimizer':<28} {'mode':<9} {'ms/step':>9} {'vs eager':>9} {'compile s':>10}")
     for r in rows:
         r["vs_eager"] = r["ms"] / eager[(r["model"], r["optimizer"])]
@@ -98,10 +122,16 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     fig, axes = plt.subplots(1, len(MODELS), figsize=(6 * len(MODELS), 4.5))
     for ax, model in zip(axes, MODELS):
         mine = [r for r in rows if r["model"] == model]
-        labels = [f"{r['optimizer'].replace(' ', chr(10), 1)}\n{r['mode']}" for r in mine]
+        short = {"adagrad8 ": "", "torch Adagrad(": "torch ", "=True)": ""}
+        labels = []
+        for r in mine:
+            name = r["optimizer"]
+            for old, new in short.items():
+                name = name.replace(old, new)
+            labels.append(f"{name}\n{r['mode']}")
         colors = ["tab:blue" if r["mode"] == "eager" else "tab:orange" for r in mine]
         ax.bar(range(len(mine)), [r["ms"] for r in mine], color=colors)
-        ax.set_xticks(range(len(mine)), labels, fontsize=7)
+        ax.set_xticks(range(len(mine)), labels, fontsize=8, rotation=30, ha="right")
         ax.set_ylabel("ms per step (lower is better)")
         ax.set_title(f"{model} ({sum(MODELS[model]) / 1e6:.1f}M elements)")
     fig.suptitle(f"Eager vs compiled optimizer step, torch {meta['torch']}, {meta['threads']} threads")
