@@ -14,11 +14,8 @@
 namespace adagrad8 {
 namespace {
 
-// gnorm_vec's first slot when it holds no history (a state made by torch_adagrad8.optimizer or
-// loaded without one): the next call fills every slot, as on step 1.
-constexpr double kNoHistory = -1.0;
-constexpr int64_t kHistory = 100;
-
+// n2 is norm(g)^2, not a sum of squares: ATen's norm needs no gradient-sized float32 temporary
+// (a bf16 gradient's squares would), at the cost of up to two roundings more (docs/decisions.md).
 at::Tensor clip_one(const at::Tensor& grad, const at::Tensor& gnorm_vec, const at::Tensor& step,
                     int64_t percentile) {
   const at::Tensor n2 = at::linalg_vector_norm(grad, 2, std::nullopt, false, at::kFloat).square();

@@ -178,8 +178,8 @@ void check_percentile_clip(at::TensorList grads, at::TensorList gnorm_vecs, at::
     TORCH_CHECK_VALUE(gnorm_vecs[i].device() == g.device(), vname, " is on ", gnorm_vecs[i].device().str(),
                       " but ", gname, " is on ", g.device().str());
     TORCH_CHECK_VALUE(gnorm_vecs[i].scalar_type() == at::kFloat && gnorm_vecs[i].dim() == 1 &&
-                          gnorm_vecs[i].numel() == 100 && gnorm_vecs[i].is_contiguous(),
-                      vname, " must be a contiguous float32 tensor of shape [100], got ",
+                          gnorm_vecs[i].numel() == kHistory && gnorm_vecs[i].is_contiguous(),
+                      vname, " must be a contiguous float32 tensor of shape [", kHistory, "], got ",
                       dtype_name(gnorm_vecs[i].scalar_type()), " of shape ", shape_str(gnorm_vecs[i].sizes()));
     TORCH_CHECK_VALUE(steps[i].device() == g.device(), at_index("steps", i), " is on ", steps[i].device().str(),
                       " but ", gname, " is on ", g.device().str());

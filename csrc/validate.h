@@ -28,6 +28,11 @@ void check_step_quantized(at::TensorList params, at::TensorList grads, at::Tenso
                           double eps, const std::optional<at::TensorList>& gnorm_scales,
                           int64_t block_size, const std::optional<at::TensorList>& seeds);
 
+// Percentile clipping's history (gnorm_vec): its length, and the first value while it is empty
+// (the next call fills every slot). torch_adagrad8/_checks.py's HISTORY and NO_HISTORY.
+constexpr int64_t kHistory = 100;
+constexpr double kNoHistory = -1.0;
+
 void check_percentile_clip(at::TensorList grads, at::TensorList gnorm_vecs, at::TensorList steps,
                            int64_t percentile);
 

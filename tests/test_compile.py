@@ -8,7 +8,9 @@ import copy
 import operator
 import subprocess
 import sys
+import re
 import textwrap
+import warnings
 
 import expecttest
 import pytest
@@ -365,17 +367,104 @@ def test_functional_matches_the_optimizer():
             assert torch.equal(p, out)
 
 
-def test_functional_checks_before_writing():
+FUNCTIONAL_BAD = [
+    # (grads' sizes, options, message): tensors are named by their positions in the caller's lists
+    ((5000, 299), {}, r"^grads\[1\] has shape \[299\] but params\[1\] has shape \[300\]$"),
+    ((5000, 300), dict(percentile_clipping=50), r"^states\[0\] has no 'gnorm_vec'"),
+    ((5000, 300), dict(percentile_clipping=50.5), r"^Invalid percentile_clipping: 50.5 \(must be an int"),
+    ((5000, 300), dict(percentile_clipping=150), r"^Invalid percentile_clipping: 150"),
+    ((5000, 300), dict(block_size=256.0), r"^Invalid block_size: 256.0 \(must be an int >= 1, or 0"),
+    ((5000, 300), dict(skip_zeros="yes"), r"^Invalid skip_zeros: 'yes' \(must be True or False\)$"),
+    ((5000, 300), dict(lr=-1.0), r"^Invalid lr: -1.0 \(must be a finite number >= 0, or a tensor\)$"),
+    ((5000, 300), dict(lr=float("nan")), r"^Invalid lr: nan"),
+    ((5000, 300), dict(eps=-1e-8), r"^Invalid eps: -1e-08"),
+]
+
+
+@pytest.mark.parametrize("sizes,options,message", FUNCTIONAL_BAD, ids=lambda v: str(v)[:40])
+def test_functional_checks_before_writing(sizes, options, message):
+    """An 8-bit and a 32-bit parameter (two op calls): nothing is written when either is bad."""
     w8, w32 = torch.randn(5000), torch.randn(300)
     states = [F.init_state(w8, optim_bits=8), F.init_state(w32)]
     before = copy.deepcopy(([w8, w32], states))
-    with pytest.raises(ValueError, match=r"grads\[0\] has shape \[299\] but params\[0\] has shape \[300\]"):
-        F.adagrad([w8, w32], [torch.randn(5000), torch.randn(299)], states, lr=0.1)
-    with pytest.raises(ValueError, match="states\\[0\\] has no 'gnorm_vec'"):
-        F.adagrad([w8, w32], [torch.randn(5000), torch.randn(300)], states, lr=0.1, percentile_clipping=50)
+    options = {"lr": 0.1, **options}
+    with pytest.raises(ValueError, match=message):
+        F.adagrad([w8, w32], [torch.randn(n) for n in sizes], states, **options)
     assert torch.equal(w8, before[0][0]) and torch.equal(w32, before[0][1])
     for s, b in zip(states, before[1]):
         assert all(torch.equal(s[k], b[k]) for k in s)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(block_size=-5), r"^Invalid block_size: -5"),
+    (dict(optim_bits=16), r"^Invalid optim_bits: 16 \(must be 8 or 32\)$"),
+    (dict(initial_accumulator_value=-1), r"^Invalid initial_accumulator_value: -1"),
+    (dict(seed=1.5), r"^Invalid seed: 1.5"),
+])
+def test_init_state_rejects(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        F.init_state(torch.randn(10), **kwargs)
+
+
+def test_default_map_is_shared_so_states_share_a_call(monkeypatch):
+    calls = []
+    real = A._ops.step_quantized
+    monkeypatch.setattr(A._ops, "step_quantized", lambda *a, **k: (calls.append(len(a[0])), real(*a, **k)))
+    params = [torch.randn(5000) for _ in range(4)]
+    states = [F.init_state(p, optim_bits=8) for p in params]
+    F.adagrad(params, [torch.randn(5000) for _ in params], states, lr=0.1)
+    assert calls == [4]
+
+
+def _chain(exc):
+    while exc is not None:
+        yield str(exc)
+        exc = exc.__cause__ or exc.__context__
+
+
+def test_compiled_step_with_bad_state_raises_the_eager_message_and_writes_nothing():
+    """Under fullgraph the ValueError reaches the caller through dynamo's error (in its chain), with
+    the eager text, and nothing is written."""
+    params = make_params()
+    opt = A.Adagrad8bit(params, lr=0.05, min_8bit_size=1000)
+    set_grads(params, 0)
+    opt.step()
+    opt.state[params[1]]["sum"] = torch.zeros(299)
+    message = "state_sums[1] has shape [299] but params[1] has shape [300]"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        opt.step()
+    before = copy.deepcopy(([p.detach() for p in params], opt.state_dict()))
+    with pytest.raises(Exception) as compiled:
+        torch.compile(opt.step, fullgraph=True)()
+    assert any(message in m for m in _chain(compiled.value)), str(compiled.value)
+    assert all(torch.equal(p, b) for p, b in zip(params, before[0]))
+    after = opt.state_dict()["state"]
+    for i, state in before[1]["state"].items():
+        assert all(torch.equal(after[i][k], v) for k, v in state.items() if isinstance(v, torch.Tensor))
+
+
+def test_scheduler_attached_after_compiling_sees_the_step():
+    """step() records its call for the scheduler's order check: no warning."""
+    params = make_params()
+    opt = A.Adagrad8bit(params, lr=0.05)
+    step = torch.compile(opt.step, fullgraph=True)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
+    set_grads(params, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.025
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_compiles(set_to_none):
+    params = make_params()
+    opt = A.Adagrad32bit(params, lr=0.05)
+    set_grads(params, 0)
+    torch.compile(lambda: opt.zero_grad(set_to_none), fullgraph=True)()
+    for p in params:
+        assert p.grad is None if set_to_none else torch.equal(p.grad, torch.zeros_like(p))
 
 
 def test_exported_step_survives_save_and_load_in_a_fresh_process(tmp_path):
@@ -392,9 +481,10 @@ def test_exported_step_survives_save_and_load_in_a_fresh_process(tmp_path):
         torch.save([program(lr, grads) for lr, grads in inputs], {str(tmp_path / 'outputs.pt')!r})
     """)
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
-    loaded = torch.load(tmp_path / "outputs.pt")
-    for got, want in zip(loaded, eager_outputs(inputs)):
-        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    loaded, expected = torch.load(tmp_path / "outputs.pt"), eager_outputs(inputs)
+    assert len(loaded) == len(expected) == 3
+    for got, want in zip(loaded, expected):
+        assert len(got) == len(want) == 3 and all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_aot_inductor_package_runs_and_matches_eager(tmp_path):
@@ -402,9 +492,11 @@ def test_aot_inductor_package_runs_and_matches_eager(tmp_path):
     exported = torch.export.export(AdagradStepper(), inputs[0])
     path = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "step.pt2"))
     runner = torch._inductor.aoti_load_package(path)
-    for (lr, grads), want in zip(inputs, eager_outputs(inputs)):
+    expected = eager_outputs(inputs)
+    assert len(expected) == 3
+    for (lr, grads), want in zip(inputs, expected):
         got = runner(lr, grads)
-        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert len(got) == len(want) == 3 and all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -416,6 +508,7 @@ def test_cuda_graph_captures_the_step():
     opt = A.Adagrad8bit(params, lr=torch.tensor(0.05, device="cuda"), min_8bit_size=1000, percentile_clipping=90)
     twin_opt = A.Adagrad8bit(twin, lr=torch.tensor(0.05, device="cuda"), min_8bit_size=1000, percentile_clipping=90)
     step = torch.compile(opt.step, mode="reduce-overhead", fullgraph=True)
+    step()  # a first (recording) call with no grads: nothing to step
     for i in range(8):
         for ps in (params, twin):
             set_grads(ps, i)
@@ -423,7 +516,12 @@ def test_cuda_graph_captures_the_step():
                 p.grad = p.grad.cuda()
         opt.param_groups[0]["lr"].fill_(0.05 / (i + 1))
         twin_opt.param_groups[0]["lr"].fill_(0.05 / (i + 1))
-        step()
+        if i >= 3:  # warmed up and recorded: a replayed step must not synchronise with the host
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         twin_opt.step()
     torch.cuda.synchronize()
     assert_same(opt, params, twin_opt, twin)

@@ -1,9 +1,11 @@
-"""Input checks of the adagrad8 ops, for the fake kernel and reference.py.
+"""Input checks of the adagrad8 ops (for the fake kernels, reference.py and functional.plan,
+which checks every op call of a step before the first one runs), and of the options that the
+optimizers and functional share.
 
-The C++ kernels run the same checks in the same order with the same messages
+The C++ kernels run the same op checks in the same order with the same messages
 (csrc/validate.cpp); tests/test_bad_input.py holds the two together. Every failure is a
-ValueError raised before anything is written. Conditions go through torch._check_value so
-that they also work on symbolic sizes while tracing.
+ValueError raised before anything is written. Symbolic conditions (while tracing) go through
+torch._check_value. `at` maps an op call's list positions to the caller's, for messages.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from torch import Tensor
 from torch_adagrad8.qmap import MAP_SIZE, scale_count
 
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HISTORY = 100  # values in a percentile-clipping history (gnorm_vec); csrc/validate.h's kHistory
+NO_HISTORY = -1.0  # gnorm_vec's first value while it holds no history; csrc/validate.h's kNoHistory
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -28,8 +32,12 @@ def _shape(t: Tensor) -> str:
 
 
 def _check(cond, message: Callable[[], str]) -> None:
-    """message is built only on failure: the checks run on every eager step."""
-    if cond is True:  # concrete and true; a symbolic condition (tracing) is a SymBool
+    """message is built only on failure (the checks run on every eager step). A concrete
+    condition raises here; a symbolic one (a SymBool, while tracing) goes through
+    torch._check_value."""
+    if isinstance(cond, bool):
+        if not cond:
+            raise ValueError(message())
         return
     torch._check_value(cond, message)
 
@@ -38,8 +46,8 @@ def _lengths(name: str, n: int, expected: int) -> None:
     _check(n == expected, lambda: f"{name} has {n} tensors but params has {expected}")
 
 
-def _device(name: str, t: Tensor, ref: Tensor) -> None:
-    _check(t.device == ref.device, lambda: f"{name} is on {t.device} but params[0] is on {ref.device}")
+def _device(name: str, t: Tensor, ref: Tensor, ref_name: str = "params[0]") -> None:
+    _check(t.device == ref.device, lambda: f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
 def _scalar(name: str, t: Tensor, dtype: torch.dtype) -> None:
@@ -64,17 +72,25 @@ def _like_param(name: str, t: Tensor, p: Tensor, i: int, dtype: torch.dtype) -> 
     _check(t.is_contiguous(), lambda: f"{name} must be contiguous")
 
 
-def _optional_scalars(name: str, tensors: Optional[Sequence[Tensor]], n: int, ref: Tensor, dtype: torch.dtype) -> None:
+def _index(at: Optional[Sequence[int]]) -> Callable[[int], int]:
+    return (lambda i: i) if at is None else (lambda i: at[i])
+
+
+def _optional_scalars(name: str, tensors: Optional[Sequence[Tensor]], n: int, ref: Tensor, dtype: torch.dtype,
+                      at: Optional[Sequence[int]] = None) -> None:
     if tensors is None:
         return
+    ix = _index(at)
     _lengths(name, len(tensors), n)
     for i, t in enumerate(tensors):
-        _device(f"{name}[{i}]", t, ref)
-        _scalar(f"{name}[{i}]", t, dtype)
+        _device(f"{name}[{ix(i)}]", t, ref, f"params[{ix(0)}]")
+        _scalar(f"{name}[{ix(i)}]", t, dtype)
 
 
-def check_common(params, grads, state_name, state, steps, lr, lr_decay, weight_decay, eps, gnorm_scales) -> None:
+def check_common(params, grads, state_name, state, steps, lr, lr_decay, weight_decay, eps, gnorm_scales,
+                 at=None) -> None:
     n = len(params)
+    ix = _index(at)
     _lengths("grads", len(grads), n)
     _lengths(state_name, len(state), n)
     _lengths("steps", len(steps), n)
@@ -84,37 +100,40 @@ def check_common(params, grads, state_name, state, steps, lr, lr_decay, weight_d
     _hyper("eps", eps)
     if n == 0:
         return
-    p0 = params[0]
-    _device("lr", lr, p0)
+    p0, p0_name = params[0], f"params[{ix(0)}]"
+    _device("lr", lr, p0, p0_name)
     for i, p in enumerate(params):
-        pname = f"params[{i}]"
-        _device(pname, p, p0)
+        pname = f"params[{ix(i)}]"
+        _device(pname, p, p0, p0_name)
         _sparse(pname, p)
         _check(
             p.dtype in _PARAM_DTYPES,
             lambda: f"{pname} has dtype {_name(p.dtype)} but must be float32, float16 or bfloat16",
         )
-        _check(p.dtype == p0.dtype, lambda: f"{pname} has dtype {_name(p.dtype)} but params[0] has dtype {_name(p0.dtype)}")
+        _check(p.dtype == p0.dtype, lambda: f"{pname} has dtype {_name(p.dtype)} but {p0_name} has dtype {_name(p0.dtype)}")
         _check(p.is_contiguous(), lambda: f"{pname} must be contiguous")
-        _device(f"grads[{i}]", grads[i], p0)
-        _like_param(f"grads[{i}]", grads[i], p, i, p.dtype)
-        _device(f"{state_name}[{i}]", state[i], p0)
-        _device(f"steps[{i}]", steps[i], p0)
-        _scalar(f"steps[{i}]", steps[i], torch.float32)
-    _optional_scalars("gnorm_scales", gnorm_scales, n, p0, torch.float32)
+        _device(f"grads[{ix(i)}]", grads[i], p0, p0_name)
+        _like_param(f"grads[{ix(i)}]", grads[i], p, ix(i), p.dtype)
+        _device(f"{state_name}[{ix(i)}]", state[i], p0, p0_name)
+        _device(f"steps[{ix(i)}]", steps[i], p0, p0_name)
+        _scalar(f"steps[{ix(i)}]", steps[i], torch.float32)
+    _optional_scalars("gnorm_scales", gnorm_scales, n, p0, torch.float32, at)
 
 
-def check_step(params, grads, state_sums, steps, lr, lr_decay, weight_decay, eps, gnorm_scales=None) -> None:
-    check_common(params, grads, "state_sums", state_sums, steps, lr, lr_decay, weight_decay, eps, gnorm_scales)
+def check_step(params, grads, state_sums, steps, lr, lr_decay, weight_decay, eps, gnorm_scales=None, at=None) -> None:
+    check_common(params, grads, "state_sums", state_sums, steps, lr, lr_decay, weight_decay, eps, gnorm_scales, at)
+    ix = _index(at)
     for i, p in enumerate(params):
-        _like_param(f"state_sums[{i}]", state_sums[i], p, i, torch.float32)
+        _like_param(f"state_sums[{ix(i)}]", state_sums[i], p, ix(i), torch.float32)
 
 
 def check_step_quantized(
-    params, grads, codes, absmax, qmap, steps, lr, lr_decay, weight_decay, eps, gnorm_scales, block_size, seeds
+    params, grads, codes, absmax, qmap, steps, lr, lr_decay, weight_decay, eps, gnorm_scales, block_size, seeds,
+    at=None,
 ) -> None:
-    check_common(params, grads, "codes", codes, steps, lr, lr_decay, weight_decay, eps, gnorm_scales)
+    check_common(params, grads, "codes", codes, steps, lr, lr_decay, weight_decay, eps, gnorm_scales, at)
     n = len(params)
+    ix = _index(at)
     _lengths("absmax", len(absmax), n)
     _check(block_size >= 0, lambda: f"block_size must be >= 1, or 0 for one block per tensor, got {block_size}")
     _check(
@@ -124,11 +143,11 @@ def check_step_quantized(
     )
     if n == 0:
         return
-    _device("qmap", qmap, params[0])
+    _device("qmap", qmap, params[0], f"params[{ix(0)}]")
     for i, p in enumerate(params):
-        _like_param(f"codes[{i}]", codes[i], p, i, torch.uint8)
-        aname = f"absmax[{i}]"
-        _device(aname, absmax[i], params[0])
+        _like_param(f"codes[{ix(i)}]", codes[i], p, ix(i), torch.uint8)
+        aname = f"absmax[{ix(i)}]"
+        _device(aname, absmax[i], params[0], f"params[{ix(0)}]")
         need = scale_count(p.numel(), block_size)
         _check(
             absmax[i].dtype == torch.float32 and absmax[i].is_contiguous(),
@@ -136,25 +155,71 @@ def check_step_quantized(
         )
         _check(
             absmax[i].numel() == need,
-            lambda: f"{aname} has {absmax[i].numel()} elements but params[{i}] needs {need} for block_size {block_size}",
+            lambda: f"{aname} has {absmax[i].numel()} elements but params[{ix(i)}] needs {need} for block_size {block_size}",
         )
-    _optional_scalars("seeds", seeds, n, params[0], torch.int64)
+    _optional_scalars("seeds", seeds, n, params[0], torch.int64, at)
 
 
-def check_percentile_clip(grads, gnorm_vecs, steps, percentile) -> None:
+def check_percentile_clip(grads, gnorm_vecs, steps, percentile, at=None) -> None:
     n = len(grads)
+    ix = _index(at)
     _check(len(gnorm_vecs) == n, lambda: f"gnorm_vecs has {len(gnorm_vecs)} tensors but grads has {n}")
     _check(len(steps) == n, lambda: f"steps has {len(steps)} tensors but grads has {n}")
     _check(1 <= percentile <= 99, lambda: f"percentile must be in [1, 99], got {percentile}")
     for i, g in enumerate(grads):
-        gname, vname, v = f"grads[{i}]", f"gnorm_vecs[{i}]", gnorm_vecs[i]
-        _check(g.device == grads[0].device, lambda: f"{gname} is on {g.device} but grads[0] is on {grads[0].device}")
+        gname, vname, v = f"grads[{ix(i)}]", f"gnorm_vecs[{ix(i)}]", gnorm_vecs[i]
+        _check(g.device == grads[0].device,
+               lambda: f"{gname} is on {g.device} but grads[{ix(0)}] is on {grads[0].device}")
         _sparse(gname, g)
         _check(g.dtype in _PARAM_DTYPES, lambda: f"{gname} has dtype {_name(g.dtype)} but must be float32, float16 or bfloat16")
         _check(v.device == g.device, lambda: f"{vname} is on {v.device} but {gname} is on {g.device}")
         _check(
-            v.dtype == torch.float32 and v.dim() == 1 and v.numel() == 100 and v.is_contiguous(),
-            lambda: f"{vname} must be a contiguous float32 tensor of shape [100], got {_name(v.dtype)} of shape {_shape(v)}",
+            v.dtype == torch.float32 and v.dim() == 1 and v.numel() == HISTORY and v.is_contiguous(),
+            lambda: f"{vname} must be a contiguous float32 tensor of shape [{HISTORY}], got {_name(v.dtype)} of shape "
+            f"{_shape(v)}",
         )
-        _check(steps[i].device == g.device, lambda: f"steps[{i}] is on {steps[i].device} but {gname} is on {g.device}")
-        _scalar(f"steps[{i}]", steps[i], torch.float32)
+        _check(steps[i].device == g.device, lambda: f"steps[{ix(i)}] is on {steps[i].device} but {gname} is on {g.device}")
+        _scalar(f"steps[{ix(i)}]", steps[i], torch.float32)
+
+
+# ---- options shared by the optimizers and functional ----------------------------------------
+
+def is_number(v) -> bool:
+    """A finite real number >= 0 (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def is_int(v, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+OPTIONS = {  # option: (is it valid, what it must be)
+    "lr_decay": (is_number, "a finite number >= 0"),
+    "weight_decay": (is_number, "a finite number >= 0"),
+    "eps": (is_number, "a finite number >= 0"),
+    "initial_accumulator_value": (is_number, "a finite number >= 0"),
+    "optim_bits": (lambda v: is_int(v, 8) and v in (8, 32), "8 or 32"),
+    "percentile_clipping": (lambda v: is_int(v, 1) and v <= 100, "an int in [1, 100]; 100 = off"),
+    "min_8bit_size": (lambda v: is_int(v, 0), "an int >= 0"),
+    "block_size": (lambda v: is_int(v, 1), "an int >= 1"),
+    "block_wise": (lambda v: isinstance(v, bool), "True or False"),
+    "maximize": (lambda v: isinstance(v, bool), "True or False"),
+    "skip_zeros": (lambda v: isinstance(v, bool), "True or False"),
+    "stochastic_rounding": (lambda v: isinstance(v, bool), "True or False"),
+}
+
+
+def check_option(key: str, value) -> None:
+    valid, requirement = OPTIONS[key]
+    if not valid(value):
+        raise ValueError(f"Invalid {key}: {value!r} (must be {requirement})")
+
+
+def check_lr(lr) -> None:
+    """A number, or a tensor holding one floating-point value (whose value is the caller's:
+    reading it would sync)."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"Invalid lr: a tensor lr must be one floating-point value, got {lr!r}")
+    elif not is_number(lr):
+        raise ValueError(f"Invalid lr: {lr!r} (must be a finite number >= 0, or a tensor)")

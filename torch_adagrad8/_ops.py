@@ -46,7 +46,7 @@ def _step_quantized_fake(params, grads, codes, absmax, qmap, steps, lr, lr_decay
 @torch.library.register_fake(PERCENTILE_CLIP)
 def _percentile_clip_fake(grads, gnorm_vecs, steps, percentile):
     _checks.check_percentile_clip(grads, gnorm_vecs, steps, percentile)
-    return grads[0].new_empty((len(grads),), dtype=torch.float32) if grads else torch.empty(0)
+    return grads[0].new_empty((len(grads),), dtype=torch.float32) if grads else torch.empty(0, dtype=torch.float32)
 
 
 # Devices without a native kernel run reference.py (CUDA too, when built without it).

@@ -22,12 +22,29 @@ from torch import Tensor
 
 from torch_adagrad8 import _checks, _ops, qmap as Q
 
-NO_HISTORY = -1.0  # gnorm_vec's first value while it holds no history: the next step fills every slot (clip.cpp)
+NO_HISTORY = _checks.NO_HISTORY  # gnorm_vec's first value while empty: the next step fills every slot
 
 
 def new_history(device: torch.device) -> Tensor:
     """An empty percentile-clipping history (gnorm_vec)."""
-    return torch.full((100,), NO_HISTORY, dtype=torch.float32, device=device)
+    return torch.full((_checks.HISTORY,), NO_HISTORY, dtype=torch.float32, device=device)
+
+
+_DEFAULT_MAPS: dict[torch.device, Tensor] = {}
+
+
+def default_map(device: torch.device) -> Tensor:
+    """The unsigned map on device: one tensor per device, so that states made with the default
+    map share op calls (calls are grouped by map identity)."""
+    device = torch.device(device)
+    if device not in _DEFAULT_MAPS:
+        _DEFAULT_MAPS[device] = Q.unsigned_map().to(device)
+    return _DEFAULT_MAPS[device]
+
+
+def _check_block_size(block_size) -> None:
+    if not _checks.is_int(block_size, 0):
+        raise ValueError(f"Invalid block_size: {block_size!r} (must be an int >= 1, or 0 for one scale per tensor)")
 
 
 def init_state(param: Tensor, *, optim_bits: int = 32, initial_accumulator_value: float = 0.0,
@@ -36,20 +53,24 @@ def init_state(param: Tensor, *, optim_bits: int = 32, initial_accumulator_value
     """A fresh state for param. 8-bit: block_size elements per scale (0: one scale per tensor) and
     qmap (default: the unsigned map on param's device; states that share one map tensor share op
     calls). seed: the stochastic-rounding seed, if it will be on."""
+    _checks.check_option("optim_bits", optim_bits)
+    _checks.check_option("initial_accumulator_value", initial_accumulator_value)
+    _checks.check_option("percentile_clipping", percentile_clipping)
+    _check_block_size(block_size)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"Invalid seed: {seed!r} (must be an int or None)")
     device = param.device
     init = float(initial_accumulator_value)
     state = {"step": torch.zeros((), dtype=torch.float32, device=device)}
     if optim_bits == 8:
-        qmap = Q.unsigned_map().to(device) if qmap is None else qmap
+        qmap = default_map(device) if qmap is None else qmap
         # Every element starts at init: every block has scale init and the code of init / init.
         code, scale = Q.quantize(torch.full((1,), init, device=device), qmap, 0)
         state["state1"] = code.reshape(()).expand(param.shape).contiguous()
         state["absmax1"] = scale.expand(Q.scale_count(param.numel(), block_size)).contiguous()
         state["qmap1"] = qmap
-    elif optim_bits == 32:
-        state["sum"] = torch.full(param.shape, init, dtype=torch.float32, device=device)
     else:
-        raise ValueError(f"Invalid optim_bits: {optim_bits!r} (must be 8 or 32)")
+        state["sum"] = torch.full(param.shape, init, dtype=torch.float32, device=device)
     if percentile_clipping < 100:
         state["gnorm_vec"] = new_history(device)
     if seed is not None:
@@ -89,7 +110,15 @@ def plan(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dic
          lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10, maximize: bool = False,
          percentile_clipping: int = 100, skip_zeros: bool = False, block_size: int = 256,
          stochastic_rounding: bool = False) -> list[OpCall]:
-    """The checked op calls of one step, one per (device, dtype, state kind, map); writes nothing."""
+    """The checked op calls of one step, one per (device, dtype, state kind, map); writes nothing.
+    Messages name tensors by their positions in params, grads and states."""
+    if not torch.compiler.is_compiling():  # a float lr is a graph input there: no value to check
+        _checks.check_lr(lr)
+    for key, value in (("lr_decay", lr_decay), ("weight_decay", weight_decay), ("eps", eps), ("maximize", maximize),
+                       ("percentile_clipping", percentile_clipping), ("skip_zeros", skip_zeros),
+                       ("stochastic_rounding", stochastic_rounding)):
+        _checks.check_option(key, value)
+    _check_block_size(block_size)
     if not len(params) == len(grads) == len(states):
         raise ValueError(f"params, grads and states have {len(params)}, {len(grads)} and {len(states)} entries; "
                          "they must match")
@@ -126,16 +155,17 @@ def _op_call(params, grads, states, members, lr, lr_decay, weight_decay, eps, ma
     gnorm_vecs = None
     if percentile_clipping < 100:
         gnorm_vecs = [s["gnorm_vec"] for s in sts]
-        _checks.check_percentile_clip(gs, gnorm_vecs, steps, percentile_clipping)
+        _checks.check_percentile_clip(gs, gnorm_vecs, steps, percentile_clipping, at=members)
     if "state1" in sts[0]:
         codes, absmax, qmap = [s["state1"] for s in sts], [s["absmax1"] for s in sts], sts[0]["qmap1"]
         seeds = [s["seed"] for s in sts] if stochastic_rounding else None
         _checks.check_step_quantized(ps, gs, codes, absmax, qmap, steps, hyper["lr"], hyper["lr_decay"],
-                                     hyper["weight_decay"], hyper["eps"], None, block_size, seeds)
+                                     hyper["weight_decay"], hyper["eps"], None, block_size, seeds, at=members)
         return OpCall(_ops.step_quantized, (ps, gs, codes, absmax, qmap, steps),
                       dict(hyper, block_size=block_size, seeds=seeds), gs, steps, gnorm_vecs, percentile_clipping)
     sums = [s["sum"] for s in sts]
-    _checks.check_step(ps, gs, sums, steps, hyper["lr"], hyper["lr_decay"], hyper["weight_decay"], hyper["eps"])
+    _checks.check_step(ps, gs, sums, steps, hyper["lr"], hyper["lr_decay"], hyper["weight_decay"], hyper["eps"],
+                       at=members)
     return OpCall(_ops.step, (ps, gs, sums, steps), hyper, gs, steps, gnorm_vecs, percentile_clipping)
 
 

@@ -6,7 +6,7 @@ per group. All math is in the ops (ALGORITHM.md §2-§5).
 
 State of a parameter (everything a tensor on the parameter's device):
   step       float32 scalar: steps taken
-  sum        32-bit state: float32 accumulator (complex parameters: complex64, like torch)
+  sum        32-bit state: float32 accumulator (complex parameters: float32 real pairs, [..., 2])
   state1     8-bit state: uint8 codes;  absmax1: float32 scales;  qmap1: float32 map (256)
   gnorm_vec  float32 (100,): recent squared gradient norms (percentile clipping)
   seed       int64 scalar: stochastic-rounding seed
@@ -14,13 +14,12 @@ State of a parameter (everything a tensor on the parameter's device):
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
 
-from torch_adagrad8 import checkpoint, functional as F, qmap as Q
+from torch_adagrad8 import _checks, checkpoint, functional as F, qmap as Q
 from torch_adagrad8.checkpoint import real as _real
 from torch_adagrad8.manager import GlobalOptimManager
 
@@ -30,32 +29,12 @@ _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.complex64)
 _MAPS = {"unsigned": Q.unsigned_map, "signed": Q.signed_map}
 
 
-def _is_nonneg_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-
-
 def validate_config(config: dict) -> None:
     """ValueError naming the first bad value of a group's (or a parameter's) config."""
-    lr = config["lr"]
-    if isinstance(lr, Tensor):  # a tensor lr's value is the caller's: reading it would sync
-        if lr.numel() != 1 or not lr.is_floating_point():
-            raise ValueError(f"Invalid lr: a tensor lr must be one floating-point value, got {lr!r}")
-    elif not _is_nonneg_number(lr):
-        raise ValueError(f"Invalid lr: {lr!r} (must be a finite number >= 0, or a tensor)")
-    for key in ("lr_decay", "weight_decay", "eps", "initial_accumulator_value"):
-        if not _is_nonneg_number(config[key]):
-            raise ValueError(f"Invalid {key}: {config[key]!r} (must be a finite number >= 0)")
-    if config["optim_bits"] not in (8, 32) or isinstance(config["optim_bits"], bool):
-        raise ValueError(f"Invalid optim_bits: {config['optim_bits']!r} (must be 8 or 32)")
-    pc = config["percentile_clipping"]
-    if isinstance(pc, bool) or not isinstance(pc, int) or not 1 <= pc <= 100:
-        raise ValueError(f"Invalid percentile_clipping: {pc!r} (must be an int in [1, 100]; 100 = off)")
-    m8 = config["min_8bit_size"]
-    if isinstance(m8, bool) or not isinstance(m8, int) or m8 < 0:
-        raise ValueError(f"Invalid min_8bit_size: {m8!r} (must be an int >= 0)")
-    bs = config["block_size"]
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-        raise ValueError(f"Invalid block_size: {bs!r} (must be an int >= 1)")
+    _checks.check_lr(config["lr"])
+    for key in ("lr_decay", "weight_decay", "eps", "initial_accumulator_value", "optim_bits", "percentile_clipping",
+                "min_8bit_size", "block_size"):
+        _checks.check_option(key, config[key])
     if config["max_unorm"] not in (0, 0.0, None):
         raise ValueError(
             f"max_unorm={config['max_unorm']!r} is not supported by torch_adagrad8's Adagrad (bitsandbytes "
@@ -68,8 +47,7 @@ def validate_config(config: dict) -> None:
     elif qm not in _MAPS:
         raise ValueError(f"Invalid qmap: {qm!r} (must be 'unsigned', 'signed' or a sorted float32 tensor of 256)")
     for key in ("block_wise", "skip_zeros", "maximize", "stochastic_rounding"):
-        if not isinstance(config[key], bool):
-            raise ValueError(f"Invalid {key}: {config[key]!r} (must be True or False)")
+        _checks.check_option(key, config[key])
 
 
 class Adagrad(torch.optim.Optimizer):
@@ -198,11 +176,6 @@ class Adagrad(torch.optim.Optimizer):
             if not isinstance(qm, str):
                 self.__dict__.setdefault("_map_sources", []).append(qm)  # its id stays this map's key
         return maps[key]
-
-    def _map_key(self, qmap: Tensor) -> tuple:
-        """The key under which a state's map is kept (every state's map is one of self._maps).
-        Identity, not data_ptr() or id(): those do not survive tracing by torch.compile."""
-        return next(key for key, t in self._maps.items() if t is qmap)
 
     def _keep_map(self, qmap: Tensor) -> Tensor:
         """Keep a map that came with a loaded state (bitsandbytes' or a custom one)."""
@@ -339,11 +312,11 @@ class Adagrad(torch.optim.Optimizer):
                 extra = state = self._new_state(p, config, index)
             if extra:
                 additions[p] = extra
-            eight_bit = "state1" in state
-            key = (gi, p.device, p.dtype, eight_bit, config["lr_decay"], config["weight_decay"], config["eps"],
-                   config["maximize"], config["skip_zeros"], config["percentile_clipping"], self._lr_key(group, p, config))
-            if eight_bit:
-                key += (self._block(config), self._map_key(state["qmap1"]), config["stochastic_rounding"])
+            # Parameters that share every constant of a step; functional.plan splits them further by
+            # device, dtype, state kind and map.
+            key = (gi, config["lr_decay"], config["weight_decay"], config["eps"], config["maximize"],
+                   config["skip_zeros"], config["percentile_clipping"], self._block(config),
+                   config["stochastic_rounding"], self._lr_key(group, p, config))
             calls.setdefault(key, []).append((p, state, config))
 
         # Everything is checked before anything is written: arguments of every call first.
