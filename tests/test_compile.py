@@ -41,7 +41,7 @@ def set_grads(params, step):
     gen = torch.Generator().manual_seed(100 + step)
     for p in params:
         g = torch.randn(p.shape, generator=gen) * (1 + step % 3)
-        p.grad = (g * (torch.rand(p.shape, generator=gen) > 0.1)).to(p.dtype)
+        p.grad = (g * (torch.rand(p.shape, generator=gen) > 0.1)).to(p.device, p.dtype)
 
 
 def assert_same(opt_a, params_a, opt_b, params_b):
@@ -507,16 +507,14 @@ def test_cuda_graph_captures_the_step():
     twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt = A.Adagrad8bit(params, lr=torch.tensor(0.05, device="cuda"), min_8bit_size=1000, percentile_clipping=90)
     twin_opt = A.Adagrad8bit(twin, lr=torch.tensor(0.05, device="cuda"), min_8bit_size=1000, percentile_clipping=90)
+    set_grads(params, 0), set_grads(twin, 0)
+    opt.step(), twin_opt.step()  # the state exists before the step is captured (docs/compile.md)
     step = torch.compile(opt.step, mode="reduce-overhead", fullgraph=True)
-    step()  # a first (recording) call with no grads: nothing to step
-    for i in range(8):
-        for ps in (params, twin):
-            set_grads(ps, i)
-            for p in ps:
-                p.grad = p.grad.cuda()
+    for i in range(1, 9):
+        set_grads(params, i), set_grads(twin, i)
         opt.param_groups[0]["lr"].fill_(0.05 / (i + 1))
         twin_opt.param_groups[0]["lr"].fill_(0.05 / (i + 1))
-        if i >= 3:  # warmed up and recorded: a replayed step must not synchronise with the host
+        if i >= 4:  # warmed up and recorded: a replayed step must not synchronise with the host
             torch.cuda.set_sync_debug_mode("error")
         try:
             step()

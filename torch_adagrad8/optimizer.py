@@ -98,6 +98,8 @@ class Adagrad(torch.optim.Optimizer):
         self.seed = seed
         self.mng = GlobalOptimManager.get_instance()
         self._step_called = [False]  # backs _opt_called
+        self._maps: dict = {}  # (map name or id, device) -> the map tensor its states share
+        self._map_sources: list = []  # custom map tensors, kept alive so that their ids stay keys
         super().__init__(params, defaults)
 
     # An LR scheduler reads optimizer._opt_called to warn when it is stepped before the optimizer.
@@ -169,17 +171,17 @@ class Adagrad(torch.optim.Optimizer):
     def _map_on(self, config: dict, device: torch.device) -> Tensor:
         """One shared map tensor per (map, device), so parameters can share an op call."""
         qm = config["qmap"]
-        maps = self.__dict__.setdefault("_maps", {})
+        maps = self._maps
         key = (qm if isinstance(qm, str) else id(qm), device)
         if key not in maps:
             maps[key] = (_MAPS[qm]() if isinstance(qm, str) else qm.detach().float()).to(device).contiguous()
             if not isinstance(qm, str):
-                self.__dict__.setdefault("_map_sources", []).append(qm)  # its id stays this map's key
+                self._map_sources.append(qm)
         return maps[key]
 
     def _keep_map(self, qmap: Tensor) -> Tensor:
         """Keep a map that came with a loaded state (bitsandbytes' or a custom one)."""
-        maps = self.__dict__.setdefault("_maps", {})
+        maps = self._maps
         for name in _MAPS:
             if torch.equal(qmap.cpu(), _MAPS[name]()):
                 return self._map_on({"qmap": name}, qmap.device)
