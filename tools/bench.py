@@ -1,10 +1,17 @@
-"""Step time of adagrad8's ops against torch.optim.Adagrad, peers in the same process.
+"""Adagrad step time (and peak extra memory) through the optimizer classes, peers in the same run.
 
-    python tools/bench.py                  # 1M, 16M, 64M fp32 elements, 2 threads
-    python tools/bench.py --sizes 1M --threads 1 --reps 20
+    python tools/bench.py                        # every case, 2 threads
+    python tools/bench.py --cases 16M 64M --reps 5 --threads 1
+    python tools/bench.py --memory               # peak extra memory of one step, a process per case
 
-Prints a table (ms per step, ns per element, ratio to torch's fused Adagrad), and writes
-bench.json and bench.png into --out.
+Peers: torch.optim.Adagrad (fused=True and foreach=False), and bitsandbytes' Adagrad32bit and
+Adagrad8bit when it is installed. Time mode times every optimizer of a case in alternation (so the
+machine's noise falls on all alike), prints ms per step, ns per element, effective GB/s (the bytes
+a step must move at least, over its time), that as % of this machine's in-place read+write
+bandwidth (measured in the same run; over 100% where a case fits in the caches) and the ratio
+to each peer; it writes bench.json and
+bench.png into --out. Memory mode reports the resident-set high-water mark of one step above the
+resident set before it, as a multiple of the parameters' bytes.
 """
 
 from __future__ import annotations
@@ -13,132 +20,219 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-import torch_adagrad8  # noqa: F401
-from torch_adagrad8 import _ops, qmap as Q
+import torch_adagrad8 as A
+
+M = 1 << 20
+CASES = {  # name: parameter shapes and dtype
+    "1M": ([(M,)], torch.float32),
+    "16M": ([(16 * M,)], torch.float32),
+    "64M": ([(64 * M,)], torch.float32),
+    "bf16 64M": ([(64 * M,)], torch.bfloat16),
+    "200x64K": ([(64 << 10,)] * 200, torch.float32),
+    "transformer": (None, torch.float32),  # a small transformer's parameter list (transformer_shapes)
+}
 
 
-def parse_size(text: str) -> int:
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1].upper(), 1)
-    return int(text.rstrip("KkMmGg")) * scale
+def transformer_shapes() -> list[tuple[int, ...]]:
+    """Parameter shapes of a 6-layer, d=512 encoder with an 8K vocabulary (23M parameters)."""
+    layer = torch.nn.TransformerEncoderLayer(512, 8, 2048, batch_first=True)
+    model = torch.nn.Sequential(torch.nn.Embedding(8192, 512), torch.nn.TransformerEncoder(layer, 6, enable_nested_tensor=False),
+                                torch.nn.Linear(512, 8192))
+    return [tuple(p.shape) for p in model.parameters()]
 
 
-def timed(step, reps: int, warmup: int) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        step()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+def _bnb():
+    try:
+        import bitsandbytes
+        return bitsandbytes.optim
+    except Exception:  # not installed, or no usable backend
+        return None
 
 
-def make_steppers(n: int):
-    """name -> zero-argument function doing one step on its own fp32 tensor of n elements."""
+OPTIMIZERS = {  # name: (make(params), bytes per element a step must move beyond the params' own read+write, peer?)
+    "torch Adagrad(fused=True)": (lambda ps: torch.optim.Adagrad(ps, lr=0.01, fused=True), 8, True),
+    "torch Adagrad(foreach=False)": (lambda ps: torch.optim.Adagrad(ps, lr=0.01, foreach=False), 8, True),
+    "bnb Adagrad32bit": (lambda ps: _bnb().Adagrad32bit(ps, lr=0.01), 8, True),
+    "bnb Adagrad8bit": (lambda ps: _bnb().Adagrad8bit(ps, lr=0.01), 2, True),
+    "Adagrad32bit": (lambda ps: A.Adagrad32bit(ps, lr=0.01), 8, False),
+    "Adagrad8bit": (lambda ps: A.Adagrad8bit(ps, lr=0.01), 2, False),
+    "Adagrad8bit stochastic": (lambda ps: A.Adagrad8bit(ps, lr=0.01, stochastic_rounding=True), 2, False),
+    "Adagrad8bit tensor-wise": (lambda ps: A.Adagrad8bit(ps, lr=0.01, block_wise=False), 2, False),
+}
+
+
+def available(names) -> list[str]:
+    return [n for n in names if not n.startswith("bnb") or _bnb() is not None]
+
+
+def make_params(case: str) -> list[torch.nn.Parameter]:
+    shapes, dtype = CASES[case]
     gen = torch.Generator().manual_seed(0)
-    grad = torch.randn(n, generator=gen)
-    lr = torch.tensor(0.01)
-    steppers = {}
-
-    for name, fused in (("torch.optim.Adagrad(fused=True)", True), ("torch.optim.Adagrad(foreach=False)", False)):
-        p = torch.randn(n, generator=gen).requires_grad_()
-        p.grad = grad
-        opt = torch.optim.Adagrad([p], lr=0.01, fused=fused, foreach=None if fused else False)
-        steppers[name] = opt.step
-
-    def ours_fp32():
-        p, s, step = torch.randn(n, generator=gen), torch.zeros(n), torch.tensor(0.0)
-
-        def run():
-            step.add_(1)
-            _ops.step([p], [grad], [s], [step], lr)
-        return run
-
-    def ours_8bit(block_size: int, stochastic: bool):
-        p, step = torch.randn(n, generator=gen), torch.tensor(0.0)
-        codes = torch.zeros(n, dtype=torch.uint8)
-        absmax = torch.zeros(Q.scale_count(n, block_size))
-        qmap = Q.unsigned_map()
-        seeds = [torch.tensor(0)] if stochastic else None
-
-        def run():
-            step.add_(1)
-            _ops.step_quantized([p], [grad], [codes], [absmax], qmap, [step], lr, block_size=block_size, seeds=seeds)
-        return run
-
-    steppers["adagrad8 step (fp32 state)"] = ours_fp32()
-    steppers["adagrad8 step.quantized (block 256)"] = ours_8bit(256, False)
-    steppers["adagrad8 step.quantized (block 256, stochastic)"] = ours_8bit(256, True)
-    steppers["adagrad8 step.quantized (tensor-wise)"] = ours_8bit(0, False)
-    return steppers
+    params = []
+    for shape in shapes or transformer_shapes():
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen).to(dtype))
+        p.grad = torch.randn(shape, generator=gen).to(dtype)
+        params.append(p)
+    return params
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", default=["1M", "16M", "64M"])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=Path("out/bench"))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+def min_bytes(params, state_bytes: int) -> int:
+    """Bytes one step must move at least: read grad and param, write param, read and write state."""
+    return sum(p.numel() * (3 * p.element_size() + state_bytes) for p in params)
 
+
+def interleaved(steps: dict, reps: int, warmup: int, bar=None) -> dict:
+    """Median seconds per call of each step, timed in alternation (order flipped every round)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples = {name: [] for name in steps}
+    order = list(steps)
+    for rep in range(reps):
+        for name in order if rep % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            steps[name]()
+            samples[name].append(time.perf_counter() - start)
+        if bar is not None:
+            bar.update()
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def bandwidth(reps: int) -> float:
+    """This machine's in-place read+write bandwidth in GB/s: the best single run of x.add_(1) and
+    x.mul_(1) over 256 MiB of float32 (a median would fold the machine's noise into the ceiling)."""
+    x = torch.zeros(64 * M)
+    best = float("inf")
+    for op in (lambda: x.add_(1.0), lambda: x.mul_(1.0)):
+        op()
+        for _ in range(reps):
+            start = time.perf_counter()
+            op()
+            best = min(best, time.perf_counter() - start)
+    return 2 * x.numel() * 4 / best / 1e9
+
+
+def time_mode(args) -> None:
+    names = available(args.optimizers)
+    gbps = bandwidth(args.reps)
     rows = []
-    sizes = [parse_size(s) for s in args.sizes]
-    with tqdm(total=len(sizes) * 6, desc="benchmark", unit="case") as bar:
-        for n, label in zip(sizes, args.sizes):
-            steppers = make_steppers(n)
-            for name, step in steppers.items():
-                bar.set_postfix_str(f"{label} {name}")
-                seconds = timed(step, args.reps, args.warmup)
-                rows.append({"size": label, "numel": n, "impl": name, "ms": seconds * 1e3, "ns_per_elem": seconds * 1e9 / n})
-                bar.update()
-            del steppers
-
-    fused = {r["size"]: r["ns_per_elem"] for r in rows if r["impl"] == "torch.optim.Adagrad(fused=True)"}
-    header = f"{'size':>5}  {'implementation':<48} {'ms/step':>9} {'ns/elem':>8} {'vs fused':>9}"
+    with tqdm(total=len(args.cases) * args.reps, desc="bench", unit="round") as bar:
+        for case in args.cases:
+            bar.set_postfix_str(case)
+            # One parameter list per optimizer: each steps its own copy (identical values).
+            opts = {name: OPTIMIZERS[name][0](make_params(case)) for name in names}
+            seconds = interleaved({name: opt.step for name, opt in opts.items()}, args.reps, args.warmup, bar)
+            for name, s in seconds.items():
+                params = [p for g in opts[name].param_groups for p in g["params"]]
+                numel = sum(p.numel() for p in params)
+                gb = min_bytes(params, OPTIMIZERS[name][1]) / 1e9
+                rows.append(dict(case=case, optimizer=name, ms=s * 1e3, ns_per_elem=s * 1e9 / numel,
+                                 gb_per_s=gb / s, pct_bandwidth=100 * gb / s / gbps))
+            del opts
+    peers = [n for n in names if OPTIMIZERS[n][2]]
+    for r in rows:
+        for peer in peers:
+            r[f"vs {peer}"] = r["ms"] / next(q["ms"] for q in rows if q["case"] == r["case"] and q["optimizer"] == peer)
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, median of {args.reps}")
+          f"median of {args.reps}, in-place read+write bandwidth {gbps:.1f} GB/s\n")
+    short = {p: p.replace("torch Adagrad(", "").replace(")", "").replace("bnb Adagrad", "bnb ") for p in peers}
+    header = (f"{'case':<12} {'optimizer':<28} {'ms/step':>9} {'ns/elem':>8} {'GB/s':>6} {'%bw':>5} "
+              + " ".join(f"{'vs ' + short[p]:>14}" for p in peers))
     print(header)
     print("-" * len(header))
     for r in rows:
-        r["vs_fused"] = r["ns_per_elem"] / fused[r["size"]]
-        print(f"{r['size']:>5}  {r['impl']:<48} {r['ms']:9.2f} {r['ns_per_elem']:8.3f} {r['vs_fused']:8.2f}x")
-
-    meta = {"torch": torch.__version__, "threads": args.threads, "reps": args.reps,
-            "capability": torch.backends.cpu.get_cpu_capability(), "date": time.strftime("%Y-%m-%d")}
-    (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    plot(rows, args.out / "bench.png", meta)
-    print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+        print(f"{r['case']:<12} {r['optimizer']:<28} {r['ms']:9.2f} {r['ns_per_elem']:8.3f} {r['gb_per_s']:6.1f} "
+              f"{r['pct_bandwidth']:5.0f} " + " ".join(f"{r['vs ' + p]:13.2f}x" for p in peers))
+    meta = dict(torch=torch.__version__, threads=args.threads, reps=args.reps, bandwidth_gb_per_s=gbps,
+                machine=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d"))
+    save(args.out, "bench", dict(meta=meta, rows=rows), rows, "ms", "ms per step (lower is better)", meta)
 
 
-def plot(rows, path: Path, meta) -> None:
+def memory_child(case: str, name: str) -> None:
+    """In a fresh process: one warm-up step makes the state, then the peak of one more step."""
+    params = make_params(case)
+    opt = OPTIMIZERS[name][0](params)
+    opt.step()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    before = _status_kib("VmRSS")
+    opt.step()
+    extra = (_status_kib("VmHWM") - before) * 1024
+    print(json.dumps(dict(extra_bytes=extra, param_bytes=sum(p.numel() * p.element_size() for p in params))))
+
+
+def _status_kib(key: str) -> int:
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
+    return int(line.split()[1])
+
+
+def memory_mode(args) -> None:
+    names = available(args.optimizers)
+    rows = []
+    jobs = [(c, n) for c in args.cases for n in names]
+    for case, name in tqdm(jobs, desc="bench --memory", unit="process"):
+        out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--memory-child", case, name],
+                             check=True, capture_output=True, text=True).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        rows.append(dict(case=case, optimizer=name, **result, extra_pct=100 * result["extra_bytes"] / result["param_bytes"]))
+    print(f"\ntorch {torch.__version__}: peak extra resident memory of one step, % of the parameters' bytes\n")
+    print(f"{'case':<12} {'optimizer':<28} {'extra MiB':>10} {'% of params':>12}")
+    for r in rows:
+        print(f"{r['case']:<12} {r['optimizer']:<28} {r['extra_bytes'] / M:10.1f} {r['extra_pct']:11.1f}%")
+    meta = dict(torch=torch.__version__, threads=args.threads, date=time.strftime("%Y-%m-%d"))
+    save(args.out, "memory", dict(meta=meta, rows=rows), rows, "extra_pct", "peak extra memory, % of params", meta)
+
+
+def save(out: Path, stem: str, data: dict, rows: list, key: str, ylabel: str, meta: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = list(dict.fromkeys(r["size"] for r in rows))
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    width = 0.8 / len(impls)
-    for k, impl in enumerate(impls):
-        values = [next(r["ns_per_elem"] for r in rows if r["size"] == s and r["impl"] == impl) for s in sizes]
-        ax.bar([i + k * width for i in range(len(sizes))], values, width, label=impl)
-    ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(sizes))], [f"{s} fp32" for s in sizes])
-    ax.set_ylabel("ns per element per step (lower is better)")
-    ax.set_title(f"Adagrad step, {meta['threads']} CPU threads, torch {meta['torch']}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=2))
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    names = list(dict.fromkeys(r["optimizer"] for r in rows))
+    fig, axes = plt.subplots(1, len(cases), figsize=(3.2 * len(cases), 4.8), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        values = [next(r[key] for r in rows if r["case"] == case and r["optimizer"] == n) for n in names]
+        ax.bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
+        ax.set_title(case)
+        ax.set_xticks([])
+    axes[0][0].set_ylabel(ylabel)
+    fig.legend([plt.Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(names))], names, loc="lower center",
+               ncol=4, fontsize=8)
+    fig.suptitle(f"Adagrad step on the CPU, {meta['threads']} threads, torch {meta['torch']}")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(out / f"{stem}.png", dpi=110)
+    print(f"\nwrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--memory", action="store_true", help="peak extra memory of one step instead of time")
+    ap.add_argument("--memory-child", nargs=2, metavar=("CASE", "OPTIMIZER"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=Path("out/bench"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(*args.memory_child)
+    elif args.memory:
+        memory_mode(args)
+    else:
+        time_mode(args)
 
 
 if __name__ == "__main__":

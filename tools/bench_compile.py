@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import torch_adagrad8 as A  # noqa: E402
+from bench import interleaved  # noqa: E402  (tools/bench.py, beside this script)
 
 MODELS = {
     "32 params": [1 << 20] * 16 + [1 << 10] * 16,
@@ -47,22 +47,6 @@ def make_params(sizes: list[int]) -> list[torch.nn.Parameter]:
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
     return params
-
-
-def interleaved(steps: dict, reps: int, warmup: int) -> dict:
-    """Median seconds per call of each step, timed in alternation (order flipped every round) so
-    that the machine's noise falls on all of them alike."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    samples = {name: [] for name in steps}
-    order = list(steps)
-    for rep in range(reps):
-        for name in order if rep % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            steps[name]()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def measure(model: str, name: str, reps: int, warmup: int) -> list[dict]:
