@@ -48,9 +48,10 @@ void check_lengths(const char* name, size_t n, size_t expected) {
   TORCH_CHECK_VALUE(n == expected, name, " has ", n, " tensors but params has ", expected);
 }
 
-void check_device(const std::string& name, const at::Tensor& t, const at::Tensor& ref) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " is on ", t.device().str(),
-                    " but params[0] is on ", ref.device().str());
+void check_device(const std::string& name, const at::Tensor& t, const at::Tensor& ref,
+                  const std::string& ref_name = "params[0]") {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " is on ", t.device().str(), " but ", ref_name, " is on ",
+                    ref.device().str());
 }
 
 // A 0-dim or one-element tensor of the given dtype.
@@ -169,20 +170,17 @@ void check_percentile_clip(at::TensorList grads, at::TensorList gnorm_vecs, at::
     const std::string gname = at_index("grads", i);
     const std::string vname = at_index("gnorm_vecs", i);
     const at::Tensor& g = grads[i];
-    TORCH_CHECK_VALUE(g.device() == grads[0].device(), gname, " is on ", g.device().str(), " but grads[0] is on ",
-                      grads[0].device().str());
+    check_device(gname, g, grads[0], "grads[0]");
     TORCH_CHECK_VALUE(g.layout() == at::kStrided, gname, " is sparse; only dense tensors are supported");
     const auto dt = g.scalar_type();
     TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, gname, " has dtype ",
                       dtype_name(dt), " but must be float32, float16 or bfloat16");
-    TORCH_CHECK_VALUE(gnorm_vecs[i].device() == g.device(), vname, " is on ", gnorm_vecs[i].device().str(),
-                      " but ", gname, " is on ", g.device().str());
+    check_device(vname, gnorm_vecs[i], g, gname);
     TORCH_CHECK_VALUE(gnorm_vecs[i].scalar_type() == at::kFloat && gnorm_vecs[i].dim() == 1 &&
                           gnorm_vecs[i].numel() == kHistory && gnorm_vecs[i].is_contiguous(),
                       vname, " must be a contiguous float32 tensor of shape [", kHistory, "], got ",
                       dtype_name(gnorm_vecs[i].scalar_type()), " of shape ", shape_str(gnorm_vecs[i].sizes()));
-    TORCH_CHECK_VALUE(steps[i].device() == g.device(), at_index("steps", i), " is on ", steps[i].device().str(),
-                      " but ", gname, " is on ", g.device().str());
+    check_device(at_index("steps", i), steps[i], g, gname);
     check_scalar(at_index("steps", i), steps[i], at::kFloat);
   }
 }

@@ -128,3 +128,10 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(old)
+
+
+def exception_messages(exc):
+    """str() of exc and of every exception it was raised from (torch.compile wraps our ValueErrors)."""
+    while exc is not None:
+        yield str(exc)
+        exc = exc.__cause__ or exc.__context__

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import Case, make_case, reference_impl
+from conftest import Case, exception_messages, make_case, reference_impl
 
 
 def _set(index, fn):
@@ -96,13 +96,6 @@ def _assert_untouched(case, before):
         assert torch.equal(a, b), "a failed call wrote to its inputs"
 
 
-def _messages(exc):
-    """str() of exc and of every exception it was raised from."""
-    while exc is not None:
-        yield str(exc)
-        exc = exc.__cause__ or exc.__context__
-
-
 @pytest.mark.parametrize("kind,mutate,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_eager_fake_and_reference_agree(kind, mutate, message):
     case = _valid(kind)
@@ -122,7 +115,7 @@ def test_eager_fake_and_reference_agree(kind, mutate, message):
     compiled = torch.compile(lambda args, kwargs: case.overload(*args, **kwargs), fullgraph=True, backend="eager")
     with pytest.raises(Exception) as traced:
         compiled(case.args, case.kwargs)
-    assert message in list(_messages(traced.value)) or message in str(traced.value), str(traced.value)
+    assert message in list(exception_messages(traced.value)) or message in str(traced.value), str(traced.value)
     _assert_untouched(case, before)
 
 
@@ -182,5 +175,5 @@ def test_percentile_clip_eager_and_fake_agree(mutate, message):
     torch._dynamo.reset()
     with pytest.raises(Exception) as traced:
         torch.compile(lambda a: op(*a), fullgraph=True, backend="eager")(args)
-    assert message in list(_messages(traced.value)), str(traced.value)
+    assert message in list(exception_messages(traced.value)), str(traced.value)
     assert all(torch.equal(v, b) for v, b in zip(args[1], before))

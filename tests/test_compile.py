@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import copy
 import operator
+import re
 import subprocess
 import sys
-import re
 import textwrap
 import warnings
 
@@ -18,6 +18,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 import torch_adagrad8 as A
+from conftest import exception_messages
 from torch_adagrad8 import functional as F
 
 SIZES = [(5000,), (300,), (64, 65), (17,)]  # 8-bit for min_8bit_size=1000: the first and third
@@ -416,12 +417,6 @@ def test_default_map_is_shared_so_states_share_a_call(monkeypatch):
     assert calls == [4]
 
 
-def _chain(exc):
-    while exc is not None:
-        yield str(exc)
-        exc = exc.__cause__ or exc.__context__
-
-
 def test_compiled_step_with_bad_state_raises_the_eager_message_and_writes_nothing():
     """Under fullgraph the ValueError reaches the caller through dynamo's error (in its chain), with
     the eager text, and nothing is written."""
@@ -436,7 +431,7 @@ def test_compiled_step_with_bad_state_raises_the_eager_message_and_writes_nothin
     before = copy.deepcopy(([p.detach() for p in params], opt.state_dict()))
     with pytest.raises(Exception) as compiled:
         torch.compile(opt.step, fullgraph=True)()
-    assert any(message in m for m in _chain(compiled.value)), str(compiled.value)
+    assert any(message in m for m in exception_messages(compiled.value)), str(compiled.value)
     assert all(torch.equal(p, b) for p, b in zip(params, before[0]))
     after = opt.state_dict()["state"]
     for i, state in before[1]["state"].items():

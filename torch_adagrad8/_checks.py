@@ -168,17 +168,16 @@ def check_percentile_clip(grads, gnorm_vecs, steps, percentile, at=None) -> None
     _check(1 <= percentile <= 99, lambda: f"percentile must be in [1, 99], got {percentile}")
     for i, g in enumerate(grads):
         gname, vname, v = f"grads[{ix(i)}]", f"gnorm_vecs[{ix(i)}]", gnorm_vecs[i]
-        _check(g.device == grads[0].device,
-               lambda: f"{gname} is on {g.device} but grads[{ix(0)}] is on {grads[0].device}")
+        _device(gname, g, grads[0], f"grads[{ix(0)}]")
         _sparse(gname, g)
         _check(g.dtype in _PARAM_DTYPES, lambda: f"{gname} has dtype {_name(g.dtype)} but must be float32, float16 or bfloat16")
-        _check(v.device == g.device, lambda: f"{vname} is on {v.device} but {gname} is on {g.device}")
+        _device(vname, v, g, gname)
         _check(
             v.dtype == torch.float32 and v.dim() == 1 and v.numel() == HISTORY and v.is_contiguous(),
             lambda: f"{vname} must be a contiguous float32 tensor of shape [{HISTORY}], got {_name(v.dtype)} of shape "
             f"{_shape(v)}",
         )
-        _check(steps[i].device == g.device, lambda: f"steps[{ix(i)}] is on {steps[i].device} but {gname} is on {g.device}")
+        _device(f"steps[{ix(i)}]", steps[i], g, gname)
         _scalar(f"steps[{ix(i)}]", steps[i], torch.float32)
 
 

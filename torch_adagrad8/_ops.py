@@ -87,7 +87,8 @@ def step_quantized(params: Sequence[Tensor], grads: Sequence[Tensor], codes: Seq
 def percentile_clip(grads: Sequence[Tensor], gnorm_vecs: Sequence[Tensor], steps: Sequence[Tensor],
                     percentile: int) -> tuple[Tensor, ...]:
     """Percentile clipping (`adagrad8::percentile_clip`): records each gradient's squared norm in its
-    gnorm_vec and returns the gnorm_scales for step / step_quantized (0-dim views of the op's output). steps are already incremented.
+    gnorm_vec and returns the gnorm_scales for step / step_quantized (0-dim views of the op's output).
+    steps are already incremented.
 
     A gnorm_vec whose first value is -1 (NO_HISTORY) holds no history yet: it is filled with this norm.
     """
