@@ -121,7 +121,7 @@ def test_instruction_sets_give_identical_bits(tmp_path):
         make_case([(100_003,), (77,)], dtype, kind, stochastic=kind == "blockwise", skip_zeros=True, weight_decay=0.1)
         for kind in KINDS
         for dtype in DTYPES
-    ]
+    ] + wide_range_cases()
     torch.save([(c.kind, c.args, c.kwargs) for c in cases], tmp_path / "in.pt")
     results = {}
     for cap in ("default", "avx2", "avx512"):
@@ -200,6 +200,42 @@ def test_any_sorted_map_matches_reference(stochastic):
         args = list(case.args)
         args[4] = qmap.contiguous()
         case.args = tuple(args)
+        check_against_reference(case)
+
+
+def wide_range_cases():
+    """Accumulators spanning 2^-70..1 of their block's scale, exact zeros among them, under maps
+    whose lookup hits every kind of bucket: the dynamic maps, one with values below 2^-30 and an
+    exact interior 0, both rounding modes, so that vector lanes take every path (plain bucket,
+    bucket 0, exact search) next to each other."""
+    def odd_map(*small):  # small values, then 250 more up to 1
+        head = torch.tensor([-1.0, -1e-3, 0.0, *small]).float()
+        return torch.cat([head, torch.linspace(1e-6, 1.0, 256 - len(head))]).sort().values
+
+    maps = (Q.unsigned_map(), Q.signed_map(),
+            odd_map(1e-12, 1e-8),  # one midpoint (5e-13) below 2^-30: bucket 0 must search
+            odd_map(1e-8),  # only an exact 0 below 2^-30
+            odd_map(1e-12, 3e-10, 1e-9))  # several values below 2^-30
+    cases = []
+    for qmap in maps:
+        for stochastic in (False, True):
+            case = make_case([(4096 + 37,)], torch.float32, "blockwise", stochastic=stochastic, seed=11, step=1.0)
+            gen = torch.Generator().manual_seed(5)
+            exponent = torch.randint(-70, 1, (4096 + 37,), generator=gen).float()
+            sums = torch.rand(4096 + 37, generator=gen) * torch.exp2(exponent)
+            sums[::17] = 0.0
+            grads = case.args[1][0]
+            grads.mul_(torch.exp2(torch.randint(-40, 1, grads.shape, generator=gen).float()))
+            codes, absmax = Q.quantize(sums, qmap, 256)
+            args = list(case.args)
+            args[2], args[3], args[4] = [codes], [absmax], qmap.contiguous()
+            case.args = tuple(args)
+            cases.append(case)
+    return cases
+
+
+def test_lookup_edge_lanes_match_reference():
+    for case in wide_range_cases():
         check_against_reference(case)
 
 

@@ -31,14 +31,11 @@ using fVec = at::vec::Vectorized<float>;
 // Work is cut into spans of at most kSpan elements of one tensor and parallel_for hands out
 // whole spans, so no result depends on the number of threads.
 constexpr int64_t kSpan = int64_t{1} << 15;
-// 8-bit state is processed in tiles: dequantize, update in vectors, quantize.
-constexpr int64_t kTile = 64;
 
 template <typename T>
 constexpr int kParts = static_cast<int>(sizeof(float) / sizeof(T));  // fVecs per Vectorized<T>
 template <typename T>
 constexpr int64_t kLane = kParts<T> * fVec::size();  // elements per vector iteration
-static_assert(kTile % kLane<c10::BFloat16> == 0 && kTile % kLane<float> == 0);
 
 template <typename T>
 void load_float(const T* src, fVec* out) {
@@ -65,11 +62,24 @@ struct Lanes {
       : weight_decay(c.weight_decay), eps(c.eps), clr(it.clr), gnorm_scale(it.gnorm_scale) {}
 };
 
-// update.h's effective_grad / accumulate / updated_param / skipped, on a vector.
-inline void update_vec(fVec& p, const fVec& raw, fVec& s, const StepConfig& c, const Lanes& k) {
+// update.h's effective_grad on a vector (p is read only with weight decay).
+inline fVec grad_vec(const fVec& p, const fVec& raw, const StepConfig& c, const Lanes& k) {
   fVec g = raw * k.gnorm_scale;
   if (c.maximize) g = g.neg();
   if (c.weight_decay != 0.0f) g = g + k.weight_decay * p;
+  return g;
+}
+
+// update.h's accumulate and skipped: the new accumulator only.
+inline void accumulate_vec(const fVec& p, const fVec& raw, fVec& s, const StepConfig& c, const Lanes& k) {
+  const fVec g = grad_vec(p, raw, c, k);
+  const fVec s_new = s + g * g;
+  s = c.skip_zeros ? fVec::blendv(s_new, s, raw == k.zero) : s_new;
+}
+
+// update.h's effective_grad / accumulate / updated_param / skipped: accumulator and parameter.
+inline void update_vec(fVec& p, const fVec& raw, fVec& s, const StepConfig& c, const Lanes& k) {
+  const fVec g = grad_vec(p, raw, c, k);
   const fVec s_new = s + g * g;
   const fVec p_new = p - (k.clr * g) / (s_new.sqrt() + k.eps);
   if (c.skip_zeros) {
@@ -118,217 +128,390 @@ void fp32_range(const Item& it, const StepConfig& c, int64_t begin, int64_t end)
   }
 }
 
-// ---- 8-bit state -------------------------------------------------------------------------
-
-// New accumulator values (and, if p_out is given, new parameters in float) of the
-// len <= kTile elements starting at i0, from the state stored under scale old_absmax.
-template <typename T>
-void tile_update(const Call& call, const Item& it, int64_t i0, int64_t len, float old_absmax,
-                 float* s_out, float* p_out) {
-  const T* param = static_cast<const T*>(it.param) + i0;
-  const T* grad = static_cast<const T*>(it.grad) + i0;
-  const uint8_t* codes = it.codes + i0;
-  for (int64_t j = 0; j < len; ++j) s_out[j] = dequantize(codes[j], call.qmap, old_absmax);
-  if (len == kTile) {
-    const Lanes k(call.config, it);
-    for (int64_t off = 0; off < kTile; off += kLane<T>) {
-      fVec p[kParts<T>], g[kParts<T>];
-      load_float(param + off, p);
-      load_float(grad + off, g);
-      for (int j = 0; j < kParts<T>; ++j) {
-        const int64_t at = off + j * fVec::size();
-        fVec s = fVec::loadu(s_out + at);
-        update_vec(p[j], g[j], s, call.config, k);
-        s.store(s_out + at);
-        if (p_out != nullptr) p[j].store(p_out + at);
-      }
-    }
-    return;
-  }
-  for (int64_t j = 0; j < len; ++j) {
-    float p = static_cast<float>(param[j]);
-    update_one(p, static_cast<float>(grad[j]), s_out[j], call.config, it);
-    if (p_out != nullptr) p_out[j] = p;
-  }
-}
-
-// Largest finite |new accumulator| over [begin, end).
-template <typename T>
-float range_max(const Call& call, const Item& it, int64_t begin, int64_t end, float old_absmax) {
-  float s[kTile];
-  float m = 0.0f;
-  for (int64_t i = begin; i < end; i += kTile) {
-    const int64_t len = std::min(kTile, end - i);
-    tile_update<T>(call, it, i, len, old_absmax, s, nullptr);
-    for (int64_t j = 0; j < len; ++j) m = std::max(m, scale_candidate(s[j]));
-  }
-  return m;
-}
-
-// ---- stochastic-rounding numbers on vectors (rng.h, lane by lane) -------------------------
+// ---- 8-bit state: vector helpers ---------------------------------------------------------
+//
+// The 8-bit loops read codes through a gather from the map and find new codes through a
+// gather from a bucket table (Buckets below). at::vec lacks byte<->int32 lane conversions and
+// integer gathers, so those few are written per instruction set here.
 
 using iVec = at::vec::Vectorized<int32_t>;
 static_assert(iVec::size() == fVec::size());
 
-// Logical shift right of uint32 lanes held in int32.
-inline iVec shift_right(const iVec& v, int k) {
-  return (v >> iVec(k)) & iVec(static_cast<int32_t>(0xffffffffu >> k));
+#if defined(CPU_CAPABILITY_AVX512)
+inline iVec load_codes(const uint8_t* src) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+}
+inline void store_codes(uint8_t* dst, const iVec& codes) {  // lanes hold 0..255
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(codes));
+}
+inline fVec gather(const float* table, const iVec& index) { return _mm512_i32gather_ps(index, table, 4); }
+inline iVec gather(const int32_t* table, const iVec& index) { return _mm512_i32gather_epi32(index, table, 4); }
+inline iVec bits_of(const fVec& v) { return _mm512_castps_si512(v); }
+inline iVec shift_right_logical(const iVec& v, int k) { return _mm512_srli_epi32(v, k); }
+inline iVec shift_right_arith(const iVec& v, int k) { return _mm512_srai_epi32(v, k); }
+inline bool any_lane(const iVec& v) { return _mm512_test_epi32_mask(v, v) != 0; }
+// max(m, |s|) where |s| is finite, m where it is not (scale_candidate on lanes).
+inline fVec max_finite_abs(const fVec& m, const fVec& s) {
+  const __m512 a = _mm512_abs_ps(s);
+  return _mm512_mask_max_ps(m, _mm512_cmp_ps_mask(a, _mm512_set1_ps(FLT_MAX), _CMP_LE_OQ), m, a);
 }
 
-inline iVec mix32_vec(iVec x) {
-  x = x ^ shift_right(x, 16);
-  x = x * iVec(0x7feb352d);
-  x = x ^ shift_right(x, 15);
-  x = x * iVec(static_cast<int32_t>(0x846ca68bu));
-  return x ^ shift_right(x, 16);
-}
-
-// uniform_at for the lanes' indices; span: span_key, the same for every lane.
-inline fVec uniform_vec(uint32_t span, int64_t first) {
-  const iVec index = iVec::arange(static_cast<int32_t>(static_cast<uint32_t>(first)), 1);
-  const iVec bits = mix32_vec(iVec(static_cast<int32_t>(span)) ^ index);
-  return at::vec::convert_to_fp_of_same_size<float>(shift_right(bits, 8)) * fVec(1.0f / 16777216.0f);
-}
-
-// ---- quantization by table (quant.h's rules, without a binary search) --------------------
-
-// Counts the values of a sorted table that lie below x, for x in [0, 1], with one read of a
-// bucket table: x is bucketed on its float bits (exponent and top 8 mantissa bits, so a bucket
-// is at most 0.4% wide, narrower than any gap between neighbouring values of the dynamic maps),
-// and a bucket stores how many values lie below it. A bucket holding more than one value is
-// marked -1, and the caller falls back to the binary search, as it does for x outside [0, 1].
-// (Vector gathers were the first try: on this AMD CPU they are microcoded, 6.5 ns/element.)
-class BelowCount {
+// The 256-entry map held in 16 registers: a lookup is 8 two-register permutes (32 entries each)
+// and a 3-level blend on the code's top bits, about 3x cheaper than a gather on AMD Zen 4.
+class MapLanes {
  public:
-  static constexpr int kShift = 15;
-  static constexpr uint32_t kFirst = (97u << 23) >> kShift;  // 2^-30; smaller x share bucket 0
-  static constexpr uint32_t kLast = (127u << 23) >> kShift;  // 1.0
-  static constexpr int kBuckets = static_cast<int>(kLast - kFirst) + 1;
-
-  // v: n sorted values.
-  void build(const float* v, int n) {
-    int below = 0;  // values < the current bucket's lower edge
-    while (below < n && v[below] < 0.0f) ++below;
-    for (int b = 0; b < kBuckets; ++b) {
-      const float upper = b + 1 < kBuckets ? edge(b + 1) : std::nextafter(1.0f, 2.0f);
-      int below_upper = below;
-      while (below_upper < n && v[below_upper] < upper) ++below_upper;
-      base_[b] = below_upper - below <= 1 ? static_cast<int16_t>(below) : int16_t{-1};
-      below = below_upper;
-    }
+  explicit MapLanes(const float* qmap) {
+    for (int i = 0; i < 16; ++i) t_[i] = _mm512_loadu_ps(qmap + 16 * i);
   }
-
-  // Values below x's bucket, or -1 when x needs the binary search.
-  int base(float x) const {
-    if (!(x >= 0.0f && x <= 1.0f)) return -1;  // NaN too
-    uint32_t bits;
-    std::memcpy(&bits, &x, sizeof(bits));
-    const uint32_t key = (bits & 0x7fffffffu) >> kShift;  // -0.0 is 0.0
-    return base_[key < kFirst ? 0 : key - kFirst];
+  fVec operator()(const iVec& code) const {
+    __m512 r[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm512_permutex2var_ps(t_[2 * i], code, t_[2 * i + 1]);
+    const __mmask16 b5 = _mm512_test_epi32_mask(code, _mm512_set1_epi32(32));
+    const __mmask16 b6 = _mm512_test_epi32_mask(code, _mm512_set1_epi32(64));
+    const __mmask16 b7 = _mm512_test_epi32_mask(code, _mm512_set1_epi32(128));
+    for (int i = 0; i < 4; ++i) r[i] = _mm512_mask_blend_ps(b5, r[2 * i], r[2 * i + 1]);
+    for (int i = 0; i < 2; ++i) r[i] = _mm512_mask_blend_ps(b6, r[2 * i], r[2 * i + 1]);
+    return _mm512_mask_blend_ps(b7, r[0], r[1]);
   }
 
  private:
-  static float edge(int b) {  // lower edge of bucket b >= 1
-    const uint32_t bits = (static_cast<uint32_t>(b) + kFirst) << kShift;
+  __m512 t_[16];
+};
+#elif defined(CPU_CAPABILITY_AVX2)
+inline iVec load_codes(const uint8_t* src) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+}
+inline void store_codes(uint8_t* dst, const iVec& codes) {  // lanes hold 0..255
+  const __m256i v = codes;
+  const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(words, words));
+}
+inline fVec gather(const float* table, const iVec& index) { return _mm256_i32gather_ps(table, index, 4); }
+inline iVec gather(const int32_t* table, const iVec& index) { return _mm256_i32gather_epi32(table, index, 4); }
+inline iVec bits_of(const fVec& v) { return _mm256_castps_si256(v); }
+inline iVec shift_right_logical(const iVec& v, int k) { return _mm256_srli_epi32(v, k); }
+inline iVec shift_right_arith(const iVec& v, int k) { return _mm256_srai_epi32(v, k); }
+inline bool any_lane(const iVec& v) { return !_mm256_testz_si256(v, v); }
+inline fVec max_finite_abs(const fVec& m, const fVec& s) {
+  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), s);
+  return _mm256_max_ps(m, _mm256_and_ps(a, _mm256_cmp_ps(a, _mm256_set1_ps(FLT_MAX), _CMP_LE_OQ)));
+}
+
+// The map, looked up with a gather.
+class MapLanes {
+ public:
+  explicit MapLanes(const float* qmap) : qmap_(qmap) {}
+  fVec operator()(const iVec& code) const { return gather(qmap_, code); }
+
+ private:
+  const float* qmap_;
+};
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#define ADAGRAD8_VECTOR_CODES 1  // the DEFAULT build runs the 8-bit code element by element
+#endif
+
+// ---- stochastic-rounding numbers on vectors (rng.h, lane by lane) -------------------------
+#ifdef ADAGRAD8_VECTOR_CODES
+
+inline iVec mix32_vec(iVec x) {
+  x = x ^ shift_right_logical(x, 16);
+  x = x * iVec(0x7feb352d);
+  x = x ^ shift_right_logical(x, 15);
+  x = x * iVec(static_cast<int32_t>(0x846ca68bu));
+  return x ^ shift_right_logical(x, 16);
+}
+
+// uniform_at for the lanes' indices first + iota; span: span_key, the same for every lane.
+inline fVec uniform_vec(uint32_t span, int64_t first, const iVec& iota) {
+  const iVec index = iVec(static_cast<int32_t>(static_cast<uint32_t>(first))) + iota;
+  const iVec bits = mix32_vec(iVec(static_cast<int32_t>(span)) ^ index);
+  return at::vec::convert_to_fp_of_same_size<float>(shift_right_logical(bits, 8)) * fVec(1.0f / 16777216.0f);
+}
+#endif
+
+// ---- 8-bit state: finding codes with one table read --------------------------------------
+
+// Counts the values of a sorted table that lie below x (or at most x), for x in [0, 1], with
+// one read of a bucket table. x is bucketed on its float bits: bucket 0 is [0, 2^-30), and
+// each further bucket is one value of the top 17 bits (exponent and 8 mantissa bits, so at
+// most 0.4% wide, narrower than any gap between neighbouring values of the dynamic maps). An
+// entry packs the count of values below the bucket with the low 15 bits of the one value
+// inside it, so that the final comparison is an integer compare of x's low bits (x and the
+// value share the high bits). An entry with kSearch set marks a bucket that holds more than
+// one value (other maps): the caller then falls back to the binary search, as it does for x
+// outside [0, 1]. (Vector gathers were first tried for a branch-free binary search: 8
+// dependent gathers cost 6.5 ns per element on this AMD CPU. One independent gather is cheap.)
+class Buckets {
+ public:
+  static constexpr int kShift = 15;
+  static constexpr int32_t kFirst = (97 << 23) >> kShift;  // key of 2^-30
+  static constexpr int32_t kLast = (127 << 23) >> kShift;  // key of 1.0
+  static constexpr int32_t kCount = kLast - kFirst + 2;
+  static constexpr int32_t kSearch = 0x8000;
+  static constexpr int32_t kNever = 0x7fff;  // a threshold no low part exceeds
+
+  // v: n sorted values. inclusive: count values <= x, else values < x; odd_ties_up: an x equal
+  // to a value whose count below is odd counts it (round-half-to-even between codes).
+  void build(const float* v, int n, bool inclusive, bool odd_ties_up) {
+    int below = 0;  // values below the current bucket
+    while (below < n && v[below] < 0.0f) ++below;
+    for (int32_t b = 0; b < kCount; ++b) {
+      const float upper = b + 1 < kCount ? lower_edge(b + 1) : std::nextafter(1.0f, 2.0f);
+      int in = below;
+      while (in < n && v[in] < upper) ++in;
+      int32_t threshold = kNever;
+      bool search = in - below > 1;
+      if (in - below == 1) {
+        const bool ties_up = inclusive || (odd_ties_up && (below & 1));
+        if (b > 0) {
+          threshold = static_cast<int32_t>(low_bits(v[below])) - (ties_up ? 1 : 0);
+        } else {  // bucket 0's values do not share high bits; only an exact 0 is simple
+          search = !(v[below] == 0.0f && ties_up);
+          threshold = -1;
+        }
+      }
+      entry_[b] = search ? kSearch : (threshold << 16) | below;
+      below = in;
+    }
+  }
+
+  static int32_t bucket(int32_t key) { return std::max(key - (kFirst - 1), 0); }
+
+  // The count for x, or -1 when x needs the binary search.
+  int count(float x) const {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    const int32_t key = static_cast<int32_t>(bits >> kShift);  // > kLast: negative, > 1, NaN
+    if (key > kLast) return -1;
+    const int32_t e = entry_[bucket(key)];
+    if (e & kSearch) return -1;
+    return (e & 0xffff) + (static_cast<int32_t>(bits & 0x7fff) > (e >> 16) ? 1 : 0);
+  }
+
+#ifdef ADAGRAD8_VECTOR_CODES
+  // The same for lanes; lanes that need the search are set in `search`.
+  iVec count(const fVec& x, iVec& search) const {
+    const iVec bits = bits_of(x);
+    const iVec key = shift_right_logical(bits, kShift);
+    const iVec outside = key > iVec(kLast);
+    const iVec index = at::vec::minimum(iVec(kCount - 1), at::vec::maximum(key - iVec(kFirst - 1), iVec(0)));
+    const iVec e = gather(entry_, index);
+    search = outside | (e & iVec(kSearch));
+    const iVec up = (bits & iVec(0x7fff)) > shift_right_arith(e, 16);  // -1 where x is above
+    return (e & iVec(0xffff)) - up;
+  }
+#endif
+
+ private:
+  static float lower_edge(int32_t b) {  // b >= 1
+    const uint32_t bits = static_cast<uint32_t>(b + kFirst - 1) << kShift;
     float f;
     std::memcpy(&f, &bits, sizeof(f));
     return f;
   }
-  int16_t base_[kBuckets];
+  static uint32_t low_bits(float v) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    return bits & 0x7fff;
+  }
+  int32_t entry_[kCount];
 };
 
-// Maps and their tables for one call.
+// Map, midpoints and the bucket table for one call's rounding mode.
 struct Codebook {
   float q[kMapSize + 1];  // the map, then +Inf
   float mid[kMapSize];    // the 255 midpoints, then NaN (never below x, never equal)
-  BelowCount mid_below, q_below;
+  Buckets buckets;        // over mid (nearest) or over q[1..255] (stochastic)
 
-  explicit Codebook(const float* qmap) {
+  Codebook(const float* qmap, bool stochastic) {
     for (int i = 0; i < kMapSize; ++i) q[i] = qmap[i];
     q[kMapSize] = std::numeric_limits<float>::infinity();
     for (int i = 0; i < kMapSize - 1; ++i) mid[i] = midpoint(qmap, i);
     mid[kMapSize - 1] = std::numeric_limits<float>::quiet_NaN();
-    mid_below.build(mid, kMapSize - 1);
-    q_below.build(q + 1, kMapSize - 1);
+    if (stochastic) {
+      buckets.build(q + 1, kMapSize - 1, /*inclusive=*/true, false);
+    } else {
+      buckets.build(mid, kMapSize - 1, /*inclusive=*/false, /*odd_ties_up=*/true);
+    }
   }
 
-  // quantize_nearest(x, mid). With b midpoints below x's bucket and at most one in it, the
-  // count below x is b or b + 1, and only mid[b] can equal x (a tie: go to the even code).
+  // quant.h's quantize_nearest(x, mid): the number of midpoints below x (ties to even).
   uint8_t nearest(float x) const {
-    const int b = mid_below.base(x);
-    if (b < 0) return quantize_nearest(x, mid);
-    const float m = mid[b];
-    return static_cast<uint8_t>(b + ((m < x || (m == x && (b & 1))) ? 1 : 0));
+    const int n = buckets.count(x);
+    return n < 0 ? quantize_nearest(x, mid) : static_cast<uint8_t>(n);
   }
 
-  // quantize_stochastic(x, q, u): the code below x is the number of q[1..255] that are <= x.
+  // quant.h's quantize_stochastic(x, q, u); lo is the number of q[1..255] that are <= x.
   uint8_t stochastic(float x, float u) const {
-    const int b = q_below.base(x);
-    if (b < 0) return quantize_stochastic(x, q, u);
-    int lo = b + (q[1 + b] < x ? 1 : 0);
-    lo += q[1 + lo] == x ? 1 : 0;
-    if (lo > 254) lo = 254;
+    const int n = buckets.count(x);
+    if (n < 0) return quantize_stochastic(x, q, u);
+    const int lo = std::min(n, 254);
     const float below = q[lo];
     const float frac = (x - below) / (q[lo + 1] - below);
     return static_cast<uint8_t>(u < frac ? lo + 1 : lo);
   }
+
+#ifdef ADAGRAD8_VECTOR_CODES
+  // The same on lanes; `search` marks lanes that need the per-element path.
+  iVec nearest(const fVec& x, iVec& search) const { return buckets.count(x, search); }
+
+  // map: MapLanes over q (the gathers of q[lo] and q[lo + 1] become register lookups).
+  iVec stochastic(const fVec& x, const fVec& u, iVec& search, const MapLanes& map) const {
+    const iVec lo = at::vec::minimum(buckets.count(x, search), iVec(254));
+    const fVec below = map(lo);
+    const fVec frac = (x - below) / (map(lo + iVec(1)) - below);
+    return lo - bits_of(u < frac);  // all ones (-1) where u < frac
+  }
+#endif
 };
 
-// Codes of the len new accumulator values s of elements [i0, i0 + len) under new_absmax.
-inline void encode(const Call& call, const Item& it, int64_t i0, int64_t len, float new_absmax,
-                   const Codebook& book, const float* s) {
-  constexpr int64_t V = fVec::size();
-  alignas(64) float x[kTile];
-  alignas(64) float u[kTile];
+// Elements whose new accumulator values one buffer holds (16 KB: stays in L1). A block up to
+// this size is updated and encoded in one pass over memory; larger blocks take two (the first
+// only finds the scale).
+constexpr int64_t kTile = 4096;
+
+// New accumulator values of the len elements at i0 into s, from codes under old_absmax; with
+// WriteParams also the new parameters. Returns the largest finite |s| (the block scale's
+// candidate, ALGORITHM.md §6).
+template <typename T, bool WriteParams>
+float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, float old_absmax, float* s) {
+  T* param = static_cast<T*>(it.param) + i0;
+  const T* grad = static_cast<const T*>(it.grad) + i0;
+  const uint8_t* codes = it.codes + i0;
+  const float* qmap = call.qmap;
+  const StepConfig c = call.config;  // a local copy: stores through s and param cannot change it
+  const bool read_params = WriteParams || c.weight_decay != 0.0f;
   int64_t j = 0;
-  for (; j + V <= len; j += V) {
-    fVec v = fVec::loadu(s + j);
-    if (new_absmax > 0.0f) v = v / fVec(new_absmax);
-    v.store(x + j);
-    const int64_t first = i0 + j;
-    if (call.stochastic) {
-      if ((first >> 32) == ((first + V - 1) >> 32)) {
-        uniform_vec(span_key(it.stream, first), first).store(u + j);
-      } else {  // the lanes straddle two 2^32-element spans
-        for (int64_t k = 0; k < V; ++k) u[j + k] = uniform_at(span_key(it.stream, first + k), first + k);
+  float m = 0.0f;
+#ifdef ADAGRAD8_VECTOR_CODES
+  const Lanes k(c, it);
+  const fVec scale(old_absmax);
+  const MapLanes map(qmap);
+  fVec vmax(0.0f);
+  for (; j + kLane<T> <= len; j += kLane<T>) {
+    fVec p[kParts<T>], g[kParts<T>];
+    if (read_params) load_float(param + j, p);
+    load_float(grad + j, g);
+    for (int q = 0; q < kParts<T>; ++q) {
+      const int64_t at = j + q * fVec::size();
+      fVec sv = map(load_codes(codes + at)) * scale;
+      if constexpr (WriteParams) {
+        update_vec(p[q], g[q], sv, c, k);
+      } else {
+        accumulate_vec(p[q], g[q], sv, c, k);
       }
+      sv.store(s + at);
+      vmax = max_finite_abs(vmax, sv);
+    }
+    if constexpr (WriteParams) store_float(param + j, p);
+  }
+  alignas(64) float lanes[fVec::size()];
+  vmax.store(lanes);
+  for (float v : lanes) m = std::max(m, v);
+#endif
+  for (; j < len; ++j) {
+    float p = read_params ? static_cast<float>(param[j]) : 0.0f;
+    s[j] = dequantize(codes[j], call.qmap, old_absmax);
+    if constexpr (WriteParams) {
+      update_one(p, static_cast<float>(grad[j]), s[j], c, it);
+      param[j] = static_cast<T>(p);
+    } else if (!skipped(static_cast<float>(grad[j]), c)) {
+      s[j] = accumulate(s[j], effective_grad(static_cast<float>(grad[j]), p, it.gnorm_scale, c));
+    }
+    m = std::max(m, scale_candidate(s[j]));
+  }
+  return m;
+}
+
+// Codes of the len new accumulator values s of the elements at i0 under new_absmax. Everything
+// the loop reads is copied into locals first: code stores are uint8_t, which may alias anything,
+// and would otherwise make the compiler reload it after every store.
+template <bool Stochastic>
+void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, const Codebook& book, const float* s) {
+  uint8_t* const codes = it.codes + i0;
+  const uint64_t stream = it.stream;
+  const auto encode_one = [&book, codes, s, i0, new_absmax, stream](int64_t e) {
+    const float x = normalize(s[e], new_absmax);
+    if constexpr (Stochastic) {
+      codes[e] = book.stochastic(x, uniform_at(span_key(stream, i0 + e), i0 + e));
+    } else {
+      codes[e] = book.nearest(x);
+    }
+  };
+  int64_t j = 0;
+#ifdef ADAGRAD8_VECTOR_CODES
+  constexpr int64_t V = fVec::size();
+  const bool scaled = new_absmax > 0.0f;
+  const fVec scale(new_absmax);
+  const MapLanes map(book.q);
+  const iVec iota = iVec::arange(0, 1);
+  for (; j + V <= len; j += V) {
+    fVec x = fVec::loadu(s + j);
+    if (scaled) x = x / scale;
+    iVec search;
+    iVec code;
+    if constexpr (Stochastic) {
+      const int64_t first = i0 + j;
+      if ((first >> 32) != ((first + V - 1) >> 32)) {  // the lanes straddle two 2^32-element spans
+        for (int64_t k = 0; k < V; ++k) encode_one(j + k);
+        continue;
+      }
+      code = book.stochastic(x, uniform_vec(span_key(stream, first), first, iota), search, map);
+    } else {
+      code = book.nearest(x, search);
+    }
+    store_codes(codes + j, code);
+    if (any_lane(search)) {  // rare: x outside [0, 1] (NaN, Inf) or a crowded bucket
+      for (int64_t k = 0; k < V; ++k) encode_one(j + k);
     }
   }
-  for (; j < len; ++j) {
-    x[j] = normalize(s[j], new_absmax);
-    if (call.stochastic) u[j] = uniform_at(span_key(it.stream, i0 + j), i0 + j);
-  }
-  uint8_t* codes = it.codes + i0;
+#endif
+  for (; j < len; ++j) encode_one(j);
+}
+
+inline void encode_tile(const Call& call, const Item& it, int64_t i0, int64_t len, float new_absmax,
+                        const Codebook& book, const float* s) {
   if (call.stochastic) {
-    for (j = 0; j < len; ++j) codes[j] = book.stochastic(x[j], u[j]);
+    encode_tile<true>(it, i0, len, new_absmax, book, s);
   } else {
-    for (j = 0; j < len; ++j) codes[j] = book.nearest(x[j]);
+    encode_tile<false>(it, i0, len, new_absmax, book, s);
   }
 }
 
+// Updates the elements [begin, end) of one block and stores their accumulator under
+// new_absmax (already known: the block's max was taken first).
 template <typename T>
-void store_params(T* dst, const float* p, int64_t len) {
-  int64_t j = 0;
-  for (; j + kLane<T> <= len; j += kLane<T>) {
-    fVec v[kParts<T>];
-    for (int k = 0; k < kParts<T>; ++k) v[k] = fVec::loadu(p + j + k * fVec::size());
-    store_float(dst + j, v);
-  }
-  for (; j < len; ++j) dst[j] = static_cast<T>(p[j]);
-}
-
-// Updates parameters over [begin, end) and stores the new accumulator under new_absmax.
-template <typename T>
-void range_write(const Call& call, const Item& it, int64_t begin, int64_t end, float old_absmax,
-                 float new_absmax, const Codebook& book) {
-  T* param = static_cast<T*>(it.param);
-  alignas(64) float s[kTile];
-  alignas(64) float p[kTile];
+void write_range(const Call& call, const Item& it, int64_t begin, int64_t end, float old_absmax,
+                 float new_absmax, const Codebook& book, float* buf) {
   for (int64_t i = begin; i < end; i += kTile) {
     const int64_t len = std::min(kTile, end - i);
-    tile_update<T>(call, it, i, len, old_absmax, s, p);
-    store_params<T>(param + i, p, len);
-    encode(call, it, i, len, new_absmax, book, s);
+    update_tile<T, true>(call, it, i, len, old_absmax, buf);
+    encode_tile(call, it, i, len, new_absmax, book, buf);
+  }
+}
+
+// Largest finite |new accumulator| over [begin, end) of one block, without writing anything.
+template <typename T>
+float max_range(const Call& call, const Item& it, int64_t begin, int64_t end, float old_absmax, float* buf) {
+  float m = 0.0f;
+  for (int64_t i = begin; i < end; i += kTile) {
+    m = std::max(m, update_tile<T, false>(call, it, i, std::min(kTile, end - i), old_absmax, buf));
+  }
+  return m;
+}
+
+// One whole block [begin, end): one pass when it fits the buffer, else a max pass first.
+template <typename T>
+void step_block(const Call& call, const Item& it, int64_t begin, int64_t end, const Codebook& book, float* buf) {
+  float& scale = it.absmax[begin / it.block];
+  const float old_scale = scale;
+  if (end - begin <= kTile) {
+    scale = update_tile<T, true>(call, it, begin, end - begin, old_scale, buf);
+    encode_tile(call, it, begin, end - begin, scale, book, buf);
+  } else {
+    scale = max_range<T>(call, it, begin, end, old_scale, buf);
+    write_range<T>(call, it, begin, end, old_scale, scale, book, buf);
   }
 }
 
@@ -346,7 +529,7 @@ struct BigBlock {
 
 template <typename T>
 void quantized_typed(const Call& call) {
-  const auto book = std::make_unique<Codebook>(call.qmap);  // ~32 KB: on the heap
+  const auto book = std::make_unique<Codebook>(call.qmap, call.stochastic);  // ~32 KB: on the heap
 
   std::vector<Span> spans;
   std::vector<BigBlock> big;
@@ -373,11 +556,12 @@ void quantized_typed(const Call& call) {
   if (!big.empty()) {
     std::vector<float> partial(n_spans, 0.0f);
     at::parallel_for(0, n_spans, 1, [&](int64_t lo, int64_t hi) {
+      alignas(64) float buf[kTile];
       for (int64_t k = lo; k < hi; ++k) {
         const Span& sp = spans[k];
         if (sp.slot < 0) continue;
         const Item& it = call.items[sp.item];
-        partial[k] = range_max<T>(call, it, sp.begin, sp.end, it.absmax[sp.begin / it.block]);
+        partial[k] = max_range<T>(call, it, sp.begin, sp.end, it.absmax[sp.begin / it.block], buf);
       }
     });
     for (int64_t k = 0; k < n_spans; ++k) {
@@ -385,23 +569,17 @@ void quantized_typed(const Call& call) {
     }
   }
 
-  // Phase 2: update and re-encode. Small blocks take their scale here, block by block.
+  // Phase 2: update and re-encode. Blocks within a span take their scale here.
   at::parallel_for(0, n_spans, 1, [&](int64_t lo, int64_t hi) {
+    alignas(64) float buf[kTile];
     for (int64_t k = lo; k < hi; ++k) {
       const Span& sp = spans[k];
       const Item& it = call.items[sp.item];
       if (sp.slot >= 0) {
-        range_write<T>(call, it, sp.begin, sp.end, it.absmax[sp.begin / it.block], big_absmax[sp.slot], *book);
+        write_range<T>(call, it, sp.begin, sp.end, it.absmax[sp.begin / it.block], big_absmax[sp.slot], *book, buf);
         continue;
       }
-      for (int64_t b = sp.begin; b < sp.end; b += it.block) {
-        const int64_t e = std::min(sp.end, b + it.block);
-        float& scale = it.absmax[b / it.block];
-        const float old_scale = scale;
-        const float new_scale = range_max<T>(call, it, b, e, old_scale);
-        range_write<T>(call, it, b, e, old_scale, new_scale, *book);
-        scale = new_scale;
-      }
+      for (int64_t b = sp.begin; b < sp.end; b += it.block) step_block<T>(call, it, b, std::min(sp.end, b + it.block), *book, buf);
     }
   });
   for (size_t i = 0; i < big.size(); ++i) call.items[big[i].item].absmax[big[i].block] = big_absmax[i];
