@@ -2,6 +2,8 @@
 // fake (meta) kernels live in torch_adagrad8/_ops.py.
 #include <torch/library.h>
 
+#include "validate.h"
+
 TORCH_LIBRARY(adagrad8, m) {
   // One Adagrad step with a float32 accumulator (ALGORITHM.md §2), over lists of tensors.
   m.def(
@@ -24,4 +26,42 @@ TORCH_LIBRARY(adagrad8, m) {
   m.def(
       "percentile_clip(Tensor[] grads, Tensor(a!)[] gnorm_vecs, Tensor[] steps, int percentile) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  // The checks of step / step.quantized alone (same arguments, nothing written): one call checks a
+  // whole list in C++, which is what an eager optimizer step runs before its first write instead of
+  // the per-tensor Python checks (csrc/validate.cpp; torch_adagrad8/functional.py).
+  m.def(
+      "validate(Tensor[] params, Tensor[] grads, Tensor[] state_sums, Tensor[] steps, Tensor lr, "
+      "float lr_decay, float weight_decay, float eps, bool maximize, Tensor[]? gnorm_scales=None, "
+      "bool skip_zeros=False) -> ()",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "validate.quantized(Tensor[] params, Tensor[] grads, Tensor[] codes, Tensor[] absmax, "
+      "Tensor qmap, Tensor[] steps, Tensor lr, float lr_decay, float weight_decay, float eps, bool maximize, "
+      "Tensor[]? gnorm_scales=None, bool skip_zeros=False, int block_size=256, Tensor[]? seeds=None) -> ()",
+      {at::Tag::pt2_compliant_tag});
+}
+
+namespace {
+
+// The checks read only metadata, so one kernel serves every device.
+void validate_step(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
+                   const at::Tensor& lr, double lr_decay, double weight_decay, double eps, bool /*maximize*/,
+                   std::optional<at::TensorList> gnorm_scales, bool /*skip_zeros*/) {
+  adagrad8::check_step(params, grads, state_sums, steps, lr, lr_decay, weight_decay, eps, gnorm_scales);
+}
+
+void validate_step_quantized(at::TensorList params, at::TensorList grads, at::TensorList codes,
+                             at::TensorList absmax, const at::Tensor& qmap, at::TensorList steps,
+                             const at::Tensor& lr, double lr_decay, double weight_decay, double eps,
+                             bool /*maximize*/, std::optional<at::TensorList> gnorm_scales, bool /*skip_zeros*/,
+                             int64_t block_size, std::optional<at::TensorList> seeds) {
+  adagrad8::check_step_quantized(params, grads, codes, absmax, qmap, steps, lr, lr_decay, weight_decay, eps,
+                                 gnorm_scales, block_size, seeds);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adagrad8, CompositeExplicitAutograd, m) {
+  m.impl("validate", &validate_step);
+  m.impl("validate.quantized", &validate_step_quantized);
 }

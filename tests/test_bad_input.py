@@ -111,6 +111,12 @@ def test_eager_fake_and_reference_agree(kind, mutate, message):
     assert str(ref.value) == message
     _assert_untouched(case, before)
 
+    # The check-only op that eager optimizer steps run first (functional._validate).
+    validate = torch.ops.adagrad8.validate.default if kind == "fp32" else torch.ops.adagrad8.validate.quantized
+    with pytest.raises(ValueError) as checked:
+        validate(*case.args, **case.kwargs)
+    assert str(checked.value) == message
+
     torch._dynamo.reset()
     compiled = torch.compile(lambda args, kwargs: case.overload(*args, **kwargs), fullgraph=True, backend="eager")
     with pytest.raises(Exception) as traced:

@@ -23,6 +23,9 @@ def samples():
 def test_opcheck(kind, dtype, sizes, options):
     case = make_case(sizes, dtype, kind, **options)
     torch.library.opcheck(case.overload, case.args, case.kwargs, test_utils=UTILS)
+    # validate / validate.quantized take the same arguments and write nothing.
+    validate = torch.ops.adagrad8.validate.default if kind == "fp32" else torch.ops.adagrad8.validate.quantized
+    torch.library.opcheck(validate, case.args, case.kwargs, test_utils=UTILS)
 
 
 def clip_args(dtype, sizes, step, fresh):

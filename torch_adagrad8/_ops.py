@@ -28,14 +28,18 @@ from torch_adagrad8 import _build_info  # noqa: E402  (written by CMake next to 
 STEP = "adagrad8::step"
 STEP_QUANTIZED = "adagrad8::step.quantized"
 PERCENTILE_CLIP = "adagrad8::percentile_clip"
+VALIDATE = "adagrad8::validate"
+VALIDATE_QUANTIZED = "adagrad8::validate.quantized"
 
 
+@torch.library.register_fake(VALIDATE)
 @torch.library.register_fake(STEP)
 def _step_fake(params, grads, state_sums, steps, lr, lr_decay, weight_decay, eps, maximize,
                gnorm_scales=None, skip_zeros=False):
     _checks.check_step(params, grads, state_sums, steps, lr, lr_decay, weight_decay, eps, gnorm_scales)
 
 
+@torch.library.register_fake(VALIDATE_QUANTIZED)
 @torch.library.register_fake(STEP_QUANTIZED)
 def _step_quantized_fake(params, grads, codes, absmax, qmap, steps, lr, lr_decay, weight_decay, eps, maximize,
                          gnorm_scales=None, skip_zeros=False, block_size=256, seeds=None):

@@ -305,6 +305,7 @@ class Adagrad(torch.optim.Optimizer):
 
         calls: dict[tuple, list] = {}
         additions: dict[Tensor, dict] = {}  # new state entries, installed once every call is checked
+        group_keys: dict[int, tuple] = {}  # the key of the parameters without overrides, per group
         for gi, group, p, config, index in self._check_grads():
             state = self.state.get(p)
             if state:
@@ -316,9 +317,13 @@ class Adagrad(torch.optim.Optimizer):
                 additions[p] = extra
             # Parameters that share every constant of a step; functional.plan splits them further by
             # device, dtype, state kind and map.
-            key = (gi, config["lr_decay"], config["weight_decay"], config["eps"], config["maximize"],
-                   config["skip_zeros"], config["percentile_clipping"], self._block(config),
-                   config["stochastic_rounding"], self._lr_key(group, p, config))
+            key = group_keys.get(gi) if config is group else None
+            if key is None:
+                key = (gi, config["lr_decay"], config["weight_decay"], config["eps"], config["maximize"],
+                       config["skip_zeros"], config["percentile_clipping"], self._block(config),
+                       config["stochastic_rounding"], self._lr_key(group, p, config))
+                if config is group:
+                    group_keys[gi] = key
             calls.setdefault(key, []).append((p, state, config))
 
         # Everything is checked before anything is written: arguments of every call first.
