@@ -250,6 +250,7 @@ class Buckets {
   static constexpr int32_t kCount = kLast - kFirst + 2;
   static constexpr int32_t kSearch = 0x8000;
   static constexpr int32_t kNever = 0x7fff;  // a threshold no low part exceeds
+  static constexpr uint32_t kOne = 0x3f800000u;  // 1.0f
 
   // v: n sorted values. inclusive: count values <= x, else values < x; odd_ties_up: an x equal
   // to a value whose count below is odd counts it (round-half-to-even between codes).
@@ -282,8 +283,8 @@ class Buckets {
   int count(float x) const {
     uint32_t bits;
     std::memcpy(&bits, &x, sizeof(bits));
-    const int32_t key = static_cast<int32_t>(bits >> kShift);  // > kLast: negative, > 1, NaN
-    if (key > kLast) return -1;
+    if (bits > kOne) return -1;  // negative (-0.0 too), above 1, NaN
+    const int32_t key = static_cast<int32_t>(bits >> kShift);
     const int32_t e = entry_[bucket(key)];
     if (e & kSearch) return -1;
     return (e & 0xffff) + (static_cast<int32_t>(bits & 0x7fff) > (e >> 16) ? 1 : 0);
@@ -294,7 +295,9 @@ class Buckets {
   iVec count(const fVec& x, iVec& search) const {
     const iVec bits = bits_of(x);
     const iVec key = shift_right_logical(bits, kShift);
-    const iVec outside = key > iVec(kLast);
+    // Negative (-0.0 too), above 1, NaN: bits above 1.0's as unsigned; as signed, the sign bit
+    // makes negative lanes small, but their key (a logical shift) is above kLast.
+    const iVec outside = (key > iVec(kLast)) | (bits > iVec(static_cast<int32_t>(kOne)));
     const iVec index = at::vec::minimum(iVec(kCount - 1), at::vec::maximum(key - iVec(kFirst - 1), iVec(0)));
     const iVec e = gather(entry_, index);
     search = outside | (e & iVec(kSearch));
