@@ -122,26 +122,31 @@ def plan(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dic
     if not len(params) == len(grads) == len(states):
         raise ValueError(f"params, grads and states have {len(params)}, {len(grads)} and {len(states)} entries; "
                          "they must match")
-    groups: list[tuple[tuple, Optional[Tensor], list[int]]] = []
+    needs = {False: ["gnorm_vec"] if percentile_clipping < 100 else [],  # state keys by state kind
+             True: (["gnorm_vec"] if percentile_clipping < 100 else []) + (["seed"] if stochastic_rounding else [])}
+    # (device, dtype, 8-bit) -> [(map, members)]. Maps are told apart by identity (`is`): id() and
+    # data_ptr() do not survive torch.compile. `calls` keeps the members in order of first appearance.
+    groups: dict[tuple, list[tuple[Optional[Tensor], list[int]]]] = {}
+    calls: list[list[int]] = []
     for i, (p, state) in enumerate(zip(params, states)):
         eight_bit = "state1" in state
         if not eight_bit and "sum" not in state:
             raise ValueError(f"states[{i}] has neither 'sum' (32-bit) nor 'state1' (8-bit); make it with init_state")
-        for key in (["gnorm_vec"] if percentile_clipping < 100 else []) + (
-                ["seed"] if stochastic_rounding and eight_bit else []):
+        for key in needs[eight_bit]:
             if key not in state:
                 raise ValueError(f"states[{i}] has no '{key}', which percentile_clipping={percentile_clipping}, "
                                  f"stochastic_rounding={stochastic_rounding} need; make it with init_state")
         qmap = state.get("qmap1")
-        key = (p.device, p.dtype, eight_bit)
-        # Maps are told apart by identity (`is`): id() and data_ptr() do not survive torch.compile.
-        group = next((g for g in groups if g[0] == key and g[1] is qmap), None)
-        if group is None:
-            groups.append((key, qmap, [i]))
+        entries = groups.setdefault((p.device, p.dtype, eight_bit), [])
+        for q, members in entries:
+            if q is qmap:
+                members.append(i)
+                break
         else:
-            group[2].append(i)
+            entries.append((qmap, [i]))
+            calls.append(entries[-1][1])
     return [_op_call(params, grads, states, members, lr, lr_decay, weight_decay, eps, maximize, percentile_clipping,
-                     skip_zeros, block_size, stochastic_rounding) for _, _, members in groups]
+                     skip_zeros, block_size, stochastic_rounding) for members in calls]
 
 
 def _op_call(params, grads, states, members, lr, lr_decay, weight_decay, eps, maximize, percentile_clipping,

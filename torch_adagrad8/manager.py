@@ -62,6 +62,10 @@ class GlobalOptimManager:
         """Override config for module.<param_name> (resolved when an optimizer steps)."""
         self._module_overrides.append((module, param_name, dict(config)))
 
+    def has_overrides(self) -> bool:
+        """Whether any parameter or module override is registered (else every config is its group's)."""
+        return bool(self._overrides or self._module_overrides)
+
     def overrides_for(self, p: torch.Tensor) -> dict:
         """The override values of one parameter (a fresh dict; empty if none)."""
         found: dict = {}

@@ -248,15 +248,17 @@ class Adagrad(torch.optim.Optimizer):
 
     def _check_grads(self) -> list[tuple[int, dict, Tensor, dict, int]]:
         """(group index, group, param, config, flat index) of every parameter to step. Raises
-        before anything is written. A state's kind (8- or 32-bit) is fixed when it is created."""
+        before anything is written. A state's kind (8- or 32-bit) is fixed when it is created.
+        (Runs per parameter on every eager step: the common case is kept to a few attribute reads.)"""
         todo = []
         index = 0
+        overrides = self.mng.has_overrides()
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 index += 1
-                if p.grad is None:
-                    continue
                 g = p.grad
+                if g is None:
+                    continue
                 if g.is_sparse:
                     raise ValueError(f"{self._name(gi, pi)} has a sparse gradient; torch_adagrad8 supports dense "
                                      "gradients only")
@@ -264,9 +266,12 @@ class Adagrad(torch.optim.Optimizer):
                     raise ValueError(f"{self._name(gi, pi)} has a gradient of dtype {g.dtype}, shape "
                                      f"{list(g.shape)} on {g.device}; expected {p.dtype}, {list(p.shape)} on "
                                      f"{p.device}")
-                self._check_dtype(gi, pi)
-                config = self.config_of(group, p)
-                self._check_state_fits(gi, pi, config)
+                if p.dtype not in _PARAM_DTYPES:
+                    self._check_dtype(gi, pi)
+                config = self.config_of(group, p) if overrides else group
+                state = self.state.get(p)
+                if state and "state1" in state:
+                    self._check_state_fits(gi, pi, config)
                 todo.append((gi, group, p, config, index - 1))
         return todo
 
@@ -309,8 +314,10 @@ class Adagrad(torch.optim.Optimizer):
         for gi, group, p, config, index in self._check_grads():
             state = self.state.get(p)
             if state:
-                extra = self._missing_state(p, state, config, index)
-                state = {**state, **extra}
+                needs_more = config["percentile_clipping"] < 100 or config["stochastic_rounding"]
+                extra = self._missing_state(p, state, config, index) if needs_more else None
+                if extra:
+                    state = {**state, **extra}
             else:
                 extra = state = self._new_state(p, config, index)
             if extra:
