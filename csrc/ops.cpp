@@ -2,22 +2,40 @@
 // fake (meta) kernels live in torch_adagrad8/_ops.py.
 #include <torch/library.h>
 
+#include <string>
+
 #include "validate.h"
+
+namespace {
+
+// Arguments of the two step overloads, written once: validate / validate.quantized take the same
+// ones without the mutation annotations.
+constexpr const char* kStepArgs =
+    "Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, Tensor[] steps, Tensor lr, "
+    "float lr_decay, float weight_decay, float eps, bool maximize, Tensor[]? gnorm_scales=None, "
+    "bool skip_zeros=False";
+constexpr const char* kQuantizedArgs =
+    "Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] codes, Tensor(c!)[] absmax, "
+    "Tensor qmap, Tensor[] steps, Tensor lr, float lr_decay, float weight_decay, float eps, bool maximize, "
+    "Tensor[]? gnorm_scales=None, bool skip_zeros=False, int block_size=256, Tensor[]? seeds=None";
+
+std::string step_schema(const std::string& name, std::string args, bool writes) {
+  if (!writes) {
+    for (const char* alias : {"(a!)", "(b!)", "(c!)"}) {
+      for (auto at = args.find(alias); at != std::string::npos; at = args.find(alias)) args.erase(at, 4);
+    }
+  }
+  return name + "(" + args + ") -> ()";
+}
+
+}  // namespace
 
 TORCH_LIBRARY(adagrad8, m) {
   // One Adagrad step with a float32 accumulator (ALGORITHM.md §2), over lists of tensors.
-  m.def(
-      "step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, Tensor[] steps, Tensor lr, "
-      "float lr_decay, float weight_decay, float eps, bool maximize, Tensor[]? gnorm_scales=None, "
-      "bool skip_zeros=False) -> ()",
-      {at::Tag::pt2_compliant_tag});
+  m.def(step_schema("step", kStepArgs, true).c_str(), {at::Tag::pt2_compliant_tag});
   // The same step with 8-bit state: codes into qmap, one float32 scale per block of block_size
   // elements (0: one block per tensor). seeds, if given, turns on stochastic rounding (§4).
-  m.def(
-      "step.quantized(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] codes, Tensor(c!)[] absmax, "
-      "Tensor qmap, Tensor[] steps, Tensor lr, float lr_decay, float weight_decay, float eps, bool maximize, "
-      "Tensor[]? gnorm_scales=None, bool skip_zeros=False, int block_size=256, Tensor[]? seeds=None) -> ()",
-      {at::Tag::pt2_compliant_tag});
+  m.def(step_schema("step.quantized", kQuantizedArgs, true).c_str(), {at::Tag::pt2_compliant_tag});
   // Percentile clipping (§5): records each gradient's squared norm in its gnorm_vec (steps are
   // the already incremented counts) and returns the gnorm_scales that step takes, as one float32
   // tensor of len(grads) values (a list return would not functionalize with a mutation). One kernel for
@@ -29,16 +47,8 @@ TORCH_LIBRARY(adagrad8, m) {
   // The checks of step / step.quantized alone (same arguments, nothing written): one call checks a
   // whole list in C++, which is what an eager optimizer step runs before its first write instead of
   // the per-tensor Python checks (csrc/validate.cpp; torch_adagrad8/functional.py).
-  m.def(
-      "validate(Tensor[] params, Tensor[] grads, Tensor[] state_sums, Tensor[] steps, Tensor lr, "
-      "float lr_decay, float weight_decay, float eps, bool maximize, Tensor[]? gnorm_scales=None, "
-      "bool skip_zeros=False) -> ()",
-      {at::Tag::pt2_compliant_tag});
-  m.def(
-      "validate.quantized(Tensor[] params, Tensor[] grads, Tensor[] codes, Tensor[] absmax, "
-      "Tensor qmap, Tensor[] steps, Tensor lr, float lr_decay, float weight_decay, float eps, bool maximize, "
-      "Tensor[]? gnorm_scales=None, bool skip_zeros=False, int block_size=256, Tensor[]? seeds=None) -> ()",
-      {at::Tag::pt2_compliant_tag});
+  m.def(step_schema("validate", kStepArgs, false).c_str(), {at::Tag::pt2_compliant_tag});
+  m.def(step_schema("validate.quantized", kQuantizedArgs, false).c_str(), {at::Tag::pt2_compliant_tag});
 }
 
 namespace {
