@@ -156,32 +156,10 @@ inline fVec max_finite_abs(const fVec& m, const fVec& s) {
   return _mm512_mask_max_ps(m, _mm512_cmp_ps_mask(a, _mm512_set1_ps(FLT_MAX), _CMP_LE_OQ), m, a);
 }
 
-// The 256-entry map held in 16 registers: a lookup is 8 two-register permutes (32 entries each)
-// and a 3-level blend on the code's top bits, about 3x cheaper than a gather on AMD Zen 4.
-class MapLanes {
- public:
-  explicit MapLanes(const float* qmap) {
-    for (int i = 0; i < 16; ++i) t_[i] = _mm512_loadu_ps(qmap + 16 * i);
-  }
-  fVec operator()(const iVec& code) const {
-    __m512 r[8];
-    for (int i = 0; i < 8; ++i) r[i] = _mm512_permutex2var_ps(t_[2 * i], code, t_[2 * i + 1]);
-    const __mmask16 b5 = _mm512_test_epi32_mask(code, _mm512_set1_epi32(32));
-    const __mmask16 b6 = _mm512_test_epi32_mask(code, _mm512_set1_epi32(64));
-    const __mmask16 b7 = _mm512_test_epi32_mask(code, _mm512_set1_epi32(128));
-    for (int i = 0; i < 4; ++i) r[i] = _mm512_mask_blend_ps(b5, r[2 * i], r[2 * i + 1]);
-    for (int i = 0; i < 2; ++i) r[i] = _mm512_mask_blend_ps(b6, r[2 * i], r[2 * i + 1]);
-    return _mm512_mask_blend_ps(b7, r[0], r[1]);
-  }
-
- private:
-  __m512 t_[16];
-};
-
 // Decoding: 32 codes at a time from the map split into two 16-bit planes (low and high halves of
 // each float), 64 words per register pair: 4 word permutes per plane, a 2-level blend on the
 // code's bits 6 and 7, and an unpack that joins the halves (2.05 ns per 16 codes on Zen 4,
-// against 3.1 for MapLanes). Codes are reordered first so that the in-lane unpack yields
+// against 3.1 with 32-bit permutes). Codes are reordered first so that the in-lane unpack yields
 // elements in order.
 class MapDecoder {
  public:
@@ -211,7 +189,16 @@ class MapDecoder {
   }
   // The map's values of codes[0..32), into out[0] and out[1].
   void decode(const uint8_t* codes, fVec* out) const {
-    __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)));
+    lookup_words(_mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes))), out);
+  }
+  // The map's values at index[0] and index[1] (16 lanes of 0..255 each).
+  void lookup(const iVec* index, fVec* out) const {
+    const __m256i first = _mm512_cvtepi32_epi16(index[0]);
+    lookup_words(_mm512_inserti64x4(_mm512_castsi256_si512(first), _mm512_cvtepi32_epi16(index[1]), 1), out);
+  }
+
+ private:
+  void lookup_words(__m512i c, fVec* out) const {  // 32 indices, one per 16-bit lane
     c = _mm512_permutexvar_epi16(order_, c);
     const __mmask32 b6 = _mm512_test_epi16_mask(c, _mm512_set1_epi16(64));
     const __mmask32 b7 = _mm512_test_epi16_mask(c, _mm512_set1_epi16(128));
@@ -220,8 +207,6 @@ class MapDecoder {
     out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(lo, hi));
     out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(lo, hi));
   }
-
- private:
   static __m512i plane(const __m512i* t, __m512i c, __mmask32 b6, __mmask32 b7) {
     const __m512i r0 = _mm512_permutex2var_epi16(t[0], c, t[1]);  // codes 0-63 (bits 0-5)
     const __m512i r1 = _mm512_permutex2var_epi16(t[2], c, t[3]);
@@ -252,17 +237,7 @@ inline fVec max_finite_abs(const fVec& m, const fVec& s) {
   return _mm256_max_ps(m, _mm256_and_ps(a, _mm256_cmp_ps(a, _mm256_set1_ps(FLT_MAX), _CMP_LE_OQ)));
 }
 
-// The map, looked up with a gather.
-class MapLanes {
- public:
-  explicit MapLanes(const float* qmap) : qmap_(qmap) {}
-  fVec operator()(const iVec& code) const { return gather(qmap_, code); }
-
- private:
-  const float* qmap_;
-};
-
-// Decoding with gathers, 16 codes at a time.
+// Decoding with gathers, 16 codes at a time (2 vectors, as on AVX-512).
 class MapDecoder {
  public:
   static constexpr int64_t kWidth = 16;
@@ -270,6 +245,10 @@ class MapDecoder {
   void decode(const uint8_t* codes, fVec* out) const {
     out[0] = gather(qmap_, load_codes(codes));
     out[1] = gather(qmap_, load_codes(codes + 8));
+  }
+  void lookup(const iVec* index, fVec* out) const {
+    out[0] = gather(qmap_, index[0]);
+    out[1] = gather(qmap_, index[1]);
   }
 
  private:
@@ -395,8 +374,15 @@ struct Codebook {
   float q[kMapSize + 1];  // the map, then +Inf
   float mid[kMapSize];    // the 255 midpoints, then NaN (never below x, never equal)
   Buckets buckets;        // over mid (nearest) or over q[1..255] (stochastic)
+#ifdef ADAGRAD8_VECTOR_CODES
+  MapDecoder decoder;     // the map in registers (decoding; stochastic rounding's neighbours)
+#endif
 
-  Codebook(const float* qmap, bool stochastic) {
+  Codebook(const float* qmap, bool stochastic)
+#ifdef ADAGRAD8_VECTOR_CODES
+      : decoder(qmap)
+#endif
+  {
     for (int i = 0; i < kMapSize; ++i) q[i] = qmap[i];
     q[kMapSize] = std::numeric_limits<float>::infinity();
     for (int i = 0; i < kMapSize - 1; ++i) mid[i] = midpoint(qmap, i);
@@ -428,12 +414,20 @@ struct Codebook {
   // The same on lanes; `search` marks lanes that need the per-element path.
   iVec nearest(const fVec& x, iVec& search) const { return buckets.count(x, search); }
 
-  // map: MapLanes over q (the gathers of q[lo] and q[lo + 1] become register lookups).
-  iVec stochastic(const fVec& x, const fVec& u, iVec& search, const MapLanes& map) const {
-    const iVec lo = at::vec::minimum(buckets.count(x, search), iVec(254));
-    const fVec below = map(lo);
-    const fVec frac = (x - below) / (map(lo + iVec(1)) - below);
-    return lo - bits_of(u < frac);  // all ones (-1) where u < frac
+  // The same on the two vectors of a MapDecoder width (q[lo] and q[lo + 1] come from registers).
+  void stochastic(const fVec* x, const fVec* u, iVec* code, iVec* search) const {
+    iVec lo[2], up[2];
+    for (int n = 0; n < 2; ++n) {
+      lo[n] = at::vec::minimum(buckets.count(x[n], search[n]), iVec(254));
+      up[n] = lo[n] + iVec(1);
+    }
+    fVec below[2], above[2];
+    decoder.lookup(lo, below);
+    decoder.lookup(up, above);
+    for (int n = 0; n < 2; ++n) {
+      const fVec frac = (x[n] - below[n]) / (above[n] - below[n]);
+      code[n] = lo[n] - bits_of(u[n] < frac);  // all ones (-1) where u < frac
+    }
   }
 #endif
 };
@@ -447,7 +441,8 @@ constexpr int64_t kTile = 4096;
 // WriteParams also the new parameters. Returns the largest finite |s| (the block scale's
 // candidate, ALGORITHM.md §6).
 template <typename T, bool WriteParams>
-float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, float old_absmax, float* s) {
+float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, float old_absmax, const Codebook& book,
+                  float* s) {
   T* param = static_cast<T*>(it.param) + i0;
   const T* grad = static_cast<const T*>(it.grad) + i0;
   const uint8_t* codes = it.codes + i0;
@@ -459,7 +454,7 @@ float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, flo
 #ifdef ADAGRAD8_VECTOR_CODES
   const Lanes k(c, it);
   const fVec scale(old_absmax);
-  const MapDecoder map(qmap);
+  const MapDecoder& map = book.decoder;
   constexpr int64_t kWidth = MapDecoder::kWidth;
   static_assert(kWidth % kLane<T> == 0);
   fVec vmax(0.0f);
@@ -520,28 +515,43 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
   int64_t j = 0;
 #ifdef ADAGRAD8_VECTOR_CODES
   constexpr int64_t V = fVec::size();
+  constexpr int64_t W = MapDecoder::kWidth;  // two vectors
+  static_assert(W == 2 * V);
   const bool scaled = new_absmax > 0.0f;
   const fVec scale(new_absmax);
-  const MapLanes map(book.q);
   const iVec iota = iVec::arange(0, 1);
-  for (; j + V <= len; j += V) {
-    fVec x = fVec::loadu(s + j);
-    if (scaled) x = x / scale;
-    iVec search;
-    iVec code;
-    if constexpr (Stochastic) {
+  if constexpr (Stochastic) {  // two vectors at a time, the width of a MapDecoder lookup
+    for (; j + W <= len; j += W) {
       const int64_t first = i0 + j;
-      if ((first >> 32) != ((first + V - 1) >> 32)) {  // the lanes straddle two 2^32-element spans
-        for (int64_t k = 0; k < V; ++k) encode_one(j + k);
+      if ((first >> 32) != ((first + W - 1) >> 32)) {  // the lanes straddle two 2^32-element spans
+        for (int64_t k = 0; k < W; ++k) encode_one(j + k);
         continue;
       }
-      code = book.stochastic(x, uniform_vec(span_key(stream, first), first, iota), search, map);
-    } else {
-      code = book.nearest(x, search);
+      fVec x[2];
+      iVec code[2], search[2];
+      for (int n = 0; n < 2; ++n) {
+        x[n] = fVec::loadu(s + j + n * V);
+        if (scaled) x[n] = x[n] / scale;
+      }
+      const uint32_t span = span_key(stream, first);
+      const fVec u[2] = {uniform_vec(span, first, iota), uniform_vec(span, first + V, iota)};
+      book.stochastic(x, u, code, search);
+      for (int n = 0; n < 2; ++n) {
+        store_codes(codes + j + n * V, code[n]);
+        if (any_lane(search[n])) {  // rare: x outside [0, 1] (NaN, Inf) or a crowded bucket
+          for (int64_t k = 0; k < V; ++k) encode_one(j + n * V + k);
+        }
+      }
     }
-    store_codes(codes + j, code);
-    if (any_lane(search)) {  // rare: x outside [0, 1] (NaN, Inf) or a crowded bucket
-      for (int64_t k = 0; k < V; ++k) encode_one(j + k);
+  } else {
+    for (; j + V <= len; j += V) {
+      fVec x = fVec::loadu(s + j);
+      if (scaled) x = x / scale;
+      iVec search;
+      store_codes(codes + j, book.nearest(x, search));
+      if (any_lane(search)) {  // rare: x outside [0, 1] (NaN, Inf) or a crowded bucket
+        for (int64_t k = 0; k < V; ++k) encode_one(j + k);
+      }
     }
   }
 #endif
@@ -564,17 +574,18 @@ void write_range(const Call& call, const Item& it, int64_t begin, int64_t end, f
                  float new_absmax, const Codebook& book, float* buf) {
   for (int64_t i = begin; i < end; i += kTile) {
     const int64_t len = std::min(kTile, end - i);
-    update_tile<T, true>(call, it, i, len, old_absmax, buf);
+    update_tile<T, true>(call, it, i, len, old_absmax, book, buf);
     encode_tile(call, it, i, len, new_absmax, book, buf);
   }
 }
 
 // Largest finite |new accumulator| over [begin, end) of one block, without writing anything.
 template <typename T>
-float max_range(const Call& call, const Item& it, int64_t begin, int64_t end, float old_absmax, float* buf) {
+float max_range(const Call& call, const Item& it, int64_t begin, int64_t end, float old_absmax, const Codebook& book,
+                float* buf) {
   float m = 0.0f;
   for (int64_t i = begin; i < end; i += kTile) {
-    m = std::max(m, update_tile<T, false>(call, it, i, std::min(kTile, end - i), old_absmax, buf));
+    m = std::max(m, update_tile<T, false>(call, it, i, std::min(kTile, end - i), old_absmax, book, buf));
   }
   return m;
 }
@@ -585,10 +596,10 @@ void step_block(const Call& call, const Item& it, int64_t begin, int64_t end, co
   float& scale = it.absmax[begin / it.block];
   const float old_scale = scale;
   if (end - begin <= kTile) {
-    scale = update_tile<T, true>(call, it, begin, end - begin, old_scale, buf);
+    scale = update_tile<T, true>(call, it, begin, end - begin, old_scale, book, buf);
     encode_tile(call, it, begin, end - begin, scale, book, buf);
   } else {
-    scale = max_range<T>(call, it, begin, end, old_scale, buf);
+    scale = max_range<T>(call, it, begin, end, old_scale, book, buf);
     write_range<T>(call, it, begin, end, old_scale, scale, book, buf);
   }
 }
@@ -639,7 +650,7 @@ void quantized_typed(const Call& call) {
         const Span& sp = spans[k];
         if (sp.slot < 0) continue;
         const Item& it = call.items[sp.item];
-        partial[k] = max_range<T>(call, it, sp.begin, sp.end, it.absmax[sp.begin / it.block], buf);
+        partial[k] = max_range<T>(call, it, sp.begin, sp.end, it.absmax[sp.begin / it.block], *book, buf);
       }
     });
     for (int64_t k = 0; k < n_spans; ++k) {
