@@ -485,7 +485,7 @@ float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, flo
 #endif
   for (; j < len; ++j) {
     float p = read_params ? static_cast<float>(param[j]) : 0.0f;
-    s[j] = dequantize(codes[j], call.qmap, old_absmax);
+    s[j] = dequantize(codes[j], qmap, old_absmax);
     if constexpr (WriteParams) {
       update_one(p, static_cast<float>(grad[j]), s[j], c, it);
       param[j] = static_cast<T>(p);
