@@ -130,21 +130,18 @@ void fp32_range(const Item& it, const StepConfig& c, int64_t begin, int64_t end)
 
 // ---- 8-bit state: vector helpers ---------------------------------------------------------
 //
-// The 8-bit loops read codes through a gather from the map and find new codes through a
-// gather from a bucket table (Buckets below). at::vec lacks byte<->int32 lane conversions and
-// integer gathers, so those few are written per instruction set here.
+// The 8-bit loops decode codes with a MapDecoder (the map in registers on AVX-512, a gather on
+// AVX2) and find new codes through a gather from a bucket table (Buckets below). at::vec lacks
+// byte<->int32 lane conversions, integer gathers and these lookups, so they are written per
+// instruction set here.
 
 using iVec = at::vec::Vectorized<int32_t>;
 static_assert(iVec::size() == fVec::size());
 
 #if defined(CPU_CAPABILITY_AVX512)
-inline iVec load_codes(const uint8_t* src) {
-  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-}
 inline void store_codes(uint8_t* dst, const iVec& codes) {  // lanes hold 0..255
   _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(codes));
 }
-inline fVec gather(const float* table, const iVec& index) { return _mm512_i32gather_ps(index, table, 4); }
 inline iVec gather(const int32_t* table, const iVec& index) { return _mm512_i32gather_epi32(index, table, 4); }
 inline iVec bits_of(const fVec& v) { return _mm512_castps_si512(v); }
 inline iVec shift_right_logical(const iVec& v, int k) { return _mm512_srli_epi32(v, k); }
