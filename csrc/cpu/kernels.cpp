@@ -434,9 +434,9 @@ struct Codebook {
 // only finds the scale).
 constexpr int64_t kTile = 4096;
 
-// New accumulator values of the len elements at i0 into s, from codes under old_absmax; with
-// WriteParams also the new parameters. Returns the largest finite |s| (the block scale's
-// candidate, ALGORITHM.md §6).
+// The new accumulator values of the len elements at i0, from codes under old_absmax. With
+// WriteParams they go into s and the parameters are updated; without, s is scratch (the max
+// pass). Returns the largest finite new value (the block scale's candidate, ALGORITHM.md §6).
 template <typename T, bool WriteParams>
 float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, float old_absmax, const Codebook& book,
                   float* s) {
@@ -467,10 +467,10 @@ float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, flo
         sq = sq * scale;
         if constexpr (WriteParams) {
           update_vec(p[q], g[q], sq, c, k);
-        } else {
+          sq.store(s + j + c0 + q * fVec::size());
+        } else {  // the max pass keeps nothing but the max
           accumulate_vec(p[q], g[q], sq, c, k);
         }
-        sq.store(s + j + c0 + q * fVec::size());
         vmax = max_finite_abs(vmax, sq);
       }
       if constexpr (WriteParams) store_float(param + j + c0, p);
