@@ -310,12 +310,10 @@ class Adagrad(torch.optim.Optimizer):
 
         calls: dict[tuple, list] = {}
         additions: dict[Tensor, dict] = {}  # new state entries, installed once every call is checked
-        group_keys: dict[int, tuple] = {}  # the key of the parameters without overrides, per group
         for gi, group, p, config, index in self._check_grads():
             state = self.state.get(p)
             if state:
-                needs_more = config["percentile_clipping"] < 100 or config["stochastic_rounding"]
-                extra = self._missing_state(p, state, config, index) if needs_more else None
+                extra = self._missing_state(p, state, config, index)
                 if extra:
                     state = {**state, **extra}
             else:
@@ -324,13 +322,9 @@ class Adagrad(torch.optim.Optimizer):
                 additions[p] = extra
             # Parameters that share every constant of a step; functional.plan splits them further by
             # device, dtype, state kind and map.
-            key = group_keys.get(gi) if config is group else None
-            if key is None:
-                key = (gi, config["lr_decay"], config["weight_decay"], config["eps"], config["maximize"],
-                       config["skip_zeros"], config["percentile_clipping"], self._block(config),
-                       config["stochastic_rounding"], self._lr_key(group, p, config))
-                if config is group:
-                    group_keys[gi] = key
+            key = (gi, config["lr_decay"], config["weight_decay"], config["eps"], config["maximize"],
+                   config["skip_zeros"], config["percentile_clipping"], self._block(config),
+                   config["stochastic_rounding"], self._lr_key(group, p, config))
             calls.setdefault(key, []).append((p, state, config))
 
         # Everything is checked before anything is written: arguments of every call first.
