@@ -98,7 +98,7 @@ def make_case(
         kwargs = dict(common, gnorm_scales=gnorm_scales, skip_zeros=skip_zeros)
         return Case(kind, args, kwargs)
     bs = 0 if kind == "tensorwise" else block_size
-    qmap = (Q.signed_map() if signed else Q.unsigned_map()).to(device)
+    qmap = (Q.signed_map() if signed else Q.MAPS[Q.DEFAULT_MAP]()).to(device)
     codes, absmax = [], []
     for s in sums:
         c, a = Q.quantize(s, qmap, bs)

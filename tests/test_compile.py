@@ -313,7 +313,7 @@ class AdagradStepper(torch.nn.Module):
         super().__init__()
         self.n, self.percentile_clipping = len(sizes), percentile_clipping
         gen = torch.Generator().manual_seed(0)
-        self.register_buffer("qmap", A.qmap.unsigned_map())
+        self.register_buffer("qmap", A.qmap.MAPS[A.qmap.DEFAULT_MAP]())  # what the optimizer uses
         for i, size in enumerate(sizes):
             w = torch.randn(size, generator=gen)
             self.register_buffer(f"w{i}", w)

@@ -54,9 +54,30 @@ def test_quantize_roundtrip_error_and_zero_blocks():
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(10_000, generator=gen) ** 4
     x[:256] = 0  # one all-zero block
-    for q in (Q.unsigned_map(), Q.signed_map()):
+    for q in (Q.unsigned_map(), Q.signed_map(), Q.tapered_map()):
         codes, scales = Q.quantize(x, q, 256)
         assert scales[0] == 0 and torch.all(Q.dequantize(codes, scales, q, 256)[:256] == 0)
         back = Q.dequantize(codes, scales, q, 256)
         rel = ((back - x).abs() / Q.per_element(scales, x.numel(), 256).clamp_min(1e-30))[256:]
         assert rel.max() < 0.05  # the coarsest gap of the dynamic map, relative to the block scale
+
+
+def test_tapered_map_shape():
+    """The default map: 0, then codes whose relative gaps follow the documented rule, reaching
+    below 1e-9; no gap under 0.4%, so the CPU encoder's bucket table (buckets at most 0.4%
+    wide) holds at most one midpoint per bucket above 2^-30 and never needs its search there."""
+    q = Q.tapered_map()
+    assert Q.MAPS[Q.DEFAULT_MAP] is Q.tapered_map
+    assert q.dtype == torch.float32 and q.shape == (256,)
+    assert torch.all(q[1:] > q[:-1]) and q[0] == 0.0 and q[-1] == 1.0
+    assert 1e-10 < q[1] < 1e-9
+    x = q[1:].double()
+    gap = x[1:] / x[:-1] - 1
+    rule = torch.clamp(Q.TAPER_GAP / x[1:].sqrt(), max=Q.TAPER_MAX_GAP)
+    torch.testing.assert_close(gap, rule, rtol=1e-5, atol=1e-6)  # float32 rounding of the codes
+    assert gap.min() > 0.004
+    mid = ((q[:-1] + q[1:]) * 0.5).double()
+    above = mid[mid >= 2.0**-30]
+    bucket = (above.float().view(torch.int32) >> 15)  # exponent and 8 mantissa bits, as kernels.cpp
+    assert bucket.unique().numel() == bucket.numel()
+    assert _sha(q) == _sha(Q.tapered_map())  # built deterministically

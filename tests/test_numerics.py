@@ -212,7 +212,7 @@ def wide_range_cases():
         head = torch.tensor([-1.0, -1e-3, 0.0, *small]).float()
         return torch.cat([head, torch.linspace(1e-6, 1.0, 256 - len(head))]).sort().values
 
-    maps = (Q.unsigned_map(), Q.signed_map(),
+    maps = (Q.unsigned_map(), Q.signed_map(), Q.tapered_map(),  # tapered: values below 2^-30 too
             odd_map(1e-12, 1e-8),  # one midpoint (5e-13) below 2^-30: bucket 0 must search
             odd_map(1e-8),  # only an exact 0 below 2^-30
             odd_map(1e-12, 3e-10, 1e-9))  # several values below 2^-30

@@ -95,7 +95,8 @@ def test_32bit_matches_torch_with_groups_and_scheduler(scheduler):
 
 
 # Measured (this MLP, 100 steps, lr 0.05): Adagrad8bit's parameters differ from
-# torch.optim.Adagrad's by at most ~3% of their norm with any of HYPER; 8% is the bound.
+# torch.optim.Adagrad's by at most 2.6% of their norm with any of HYPER (3.9% with the dynamic
+# map, the default before issue 6); 8% is the bound.
 EIGHT_BIT_TOLERANCE = 0.08
 
 
@@ -109,7 +110,7 @@ def test_8bit_close_to_torch_and_equal_to_reference_stepping(hyper):
     assert max_rel(ours, theirs) <= EIGHT_BIT_TOLERANCE
 
     # the same steps driven by reference.py on hand-made state: bit-identical
-    qmap = Q.unsigned_map()
+    qmap = Q.MAPS[Q.DEFAULT_MAP]()  # the optimizer's default
     params = list(manual.parameters())
     init = hyper.get("initial_accumulator_value", 0.0)
     state = [Q.quantize(torch.full(p.shape, float(init)), qmap, 256) for p in params]

@@ -190,7 +190,7 @@ def test_torch_state_dict_into_8bit_is_quantized_and_continues_close():
             assert torch.equal(st["sum"], want)
             continue
         assert st["state1"].dtype == torch.uint8 and st["state1"].shape == p.shape
-        assert torch.equal(st["qmap1"], Q.unsigned_map())  # new 8-bit state of ours: the unsigned map
+        assert torch.equal(st["qmap1"], Q.MAPS[Q.DEFAULT_MAP]())  # new 8-bit state of ours: the default map
         codes, absmax = Q.quantize(want, st["qmap1"], 256)  # quantized once, round to nearest
         assert torch.equal(st["state1"], codes) and torch.equal(st["absmax1"], absmax)
 

@@ -34,11 +34,11 @@ _DEFAULT_MAPS: dict[torch.device, Tensor] = {}
 
 
 def default_map(device: torch.device) -> Tensor:
-    """The unsigned map on device: one tensor per device, so that states made with the default
+    """The default map (qmap.DEFAULT_MAP) on device: one tensor per device, so that states made with the default
     map share op calls (calls are grouped by map identity)."""
     device = torch.device(device)
     if device not in _DEFAULT_MAPS:
-        _DEFAULT_MAPS[device] = Q.unsigned_map().to(device)
+        _DEFAULT_MAPS[device] = Q.MAPS[Q.DEFAULT_MAP]().to(device)
     return _DEFAULT_MAPS[device]
 
 
@@ -51,7 +51,7 @@ def init_state(param: Tensor, *, optim_bits: int = 32, initial_accumulator_value
                block_size: int = 256, qmap: Optional[Tensor] = None, percentile_clipping: int = 100,
                seed: Optional[int] = None) -> dict[str, Tensor]:
     """A fresh state for param. 8-bit: block_size elements per scale (0: one scale per tensor) and
-    qmap (default: the unsigned map on param's device; states that share one map tensor share op
+    qmap (default: the default map (qmap.DEFAULT_MAP) on param's device; states that share one map tensor share op
     calls). seed: the stochastic-rounding seed, if it will be on."""
     _checks.check_option("optim_bits", optim_bits)
     _checks.check_option("initial_accumulator_value", initial_accumulator_value)

@@ -26,7 +26,6 @@ from torch_adagrad8.manager import GlobalOptimManager
 # Config that bitsandbytes reads from `args` (they override the keyword arguments).
 ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "max_unorm", "skip_zeros")
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.complex64)
-_MAPS = {"unsigned": Q.unsigned_map, "signed": Q.signed_map}
 
 
 def validate_config(config: dict) -> None:
@@ -44,8 +43,9 @@ def validate_config(config: dict) -> None:
     if isinstance(qm, Tensor):
         if qm.dtype != torch.float32 or qm.numel() != Q.MAP_SIZE:
             raise ValueError(f"Invalid qmap: a tensor qmap must be float32 with {Q.MAP_SIZE} values")
-    elif qm not in _MAPS:
-        raise ValueError(f"Invalid qmap: {qm!r} (must be 'unsigned', 'signed' or a sorted float32 tensor of 256)")
+    elif qm not in Q.MAPS:
+        names = ", ".join(repr(name) for name in Q.MAPS)
+        raise ValueError(f"Invalid qmap: {qm!r} (must be one of {names} or a sorted float32 tensor of 256)")
     for key in ("block_wise", "skip_zeros", "maximize", "stochastic_rounding"):
         _checks.check_option(key, config[key])
 
@@ -53,7 +53,8 @@ def validate_config(config: dict) -> None:
 class Adagrad(torch.optim.Optimizer):
     """Adagrad with 32-bit or 8-bit state; bitsandbytes 0.45 signature plus keyword-only extras.
 
-    Extras: maximize; qmap ("unsigned" (default), "signed" = bitsandbytes' map, or a tensor);
+    Extras: maximize; qmap ("tapered" (default), "dynamic" (alias "unsigned") and "signed" =
+    bitsandbytes' maps, or a tensor);
     stochastic_rounding; block_size (elements per 8-bit scale, default 256); skip_zeros; seed
     (base of the stochastic-rounding seeds).
     """
@@ -73,7 +74,7 @@ class Adagrad(torch.optim.Optimizer):
         block_wise: bool = True,
         *,
         maximize: bool = False,
-        qmap: str | Tensor = "unsigned",
+        qmap: str | Tensor = Q.DEFAULT_MAP,
         stochastic_rounding: bool = False,
         block_size: int = 256,
         skip_zeros: bool = False,
@@ -172,9 +173,9 @@ class Adagrad(torch.optim.Optimizer):
         """One shared map tensor per (map, device), so parameters can share an op call."""
         qm = config["qmap"]
         maps = self._maps
-        key = (qm if isinstance(qm, str) else id(qm), device)
+        key = (Q.MAPS[qm] if isinstance(qm, str) else id(qm), device)  # aliases share a tensor
         if key not in maps:
-            maps[key] = (_MAPS[qm]() if isinstance(qm, str) else qm.detach().float()).to(device).contiguous()
+            maps[key] = (Q.MAPS[qm]() if isinstance(qm, str) else qm.detach().float()).to(device).contiguous()
             if not isinstance(qm, str):
                 self._map_sources.append(qm)
         return maps[key]
@@ -182,8 +183,8 @@ class Adagrad(torch.optim.Optimizer):
     def _keep_map(self, qmap: Tensor) -> Tensor:
         """Keep a map that came with a loaded state (bitsandbytes' or a custom one)."""
         maps = self._maps
-        for name in _MAPS:
-            if torch.equal(qmap.cpu(), _MAPS[name]()):
+        for name in Q.MAPS:
+            if torch.equal(qmap.cpu(), Q.MAPS[name]()):
                 return self._map_on({"qmap": name}, qmap.device)
         for t in maps.values():  # the same custom map as another state's: share it
             if t.device == qmap.device and torch.equal(t, qmap):

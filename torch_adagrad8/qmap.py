@@ -6,6 +6,8 @@ These functions define the 8-bit encoding; the C++/CUDA kernels implement the sa
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -37,8 +39,37 @@ def signed_map() -> Tensor:
 
 
 def unsigned_map() -> Tensor:
-    """The default map for new state: all 256 codes cover [0, 1] (code 0 is 0.0)."""
+    """bitsandbytes' unsigned dynamic map: all 256 codes cover [0, 1] (code 0 is 0.0)."""
     return dynamic_map(signed=False)
+
+
+# tapered_map's spacing: relative gap TAPER_GAP / sqrt(x) below a code x, at most TAPER_MAX_GAP.
+# Chosen by tools/quality.py's protocols A and B (docs/accuracy.md).
+TAPER_GAP = 0.0085
+TAPER_MAX_GAP = 1.5
+
+
+def tapered_map() -> Tensor:
+    """The default map for new state: 0, then codes from 1.0 downwards, each the one above
+    divided by 1 + min(TAPER_GAP / sqrt(x), TAPER_MAX_GAP).
+
+    Near the top the codes are evenly spaced in sqrt(x) (0.85% apart at 1.0, 2.7% at 0.1), where
+    the accumulators of dense gradients sit; further down the gaps widen to a constant ratio of
+    2.5, so the codes reach 1e-10 and a rarely seen row's accumulator is not rounded to 0 next
+    to a block-mate 10^8 times larger. Python floats with sqrt and division only (correctly
+    rounded everywhere), rounded once to float32: the same bits on every platform.
+    """
+    values = [1.0]
+    while len(values) < MAP_SIZE - 1:
+        x = values[-1]
+        values.append(x / (1.0 + min(TAPER_GAP / math.sqrt(x), TAPER_MAX_GAP)))
+    return torch.tensor([0.0] + values[::-1], dtype=torch.float32)
+
+
+# The maps known by name (the optimizers' qmap option). "unsigned" is the name the dynamic
+# map had while it was the default.
+MAPS = {"tapered": tapered_map, "dynamic": unsigned_map, "unsigned": unsigned_map, "signed": signed_map}
+DEFAULT_MAP = "tapered"
 
 
 def scale_count(numel: int, block_size: int) -> int:
