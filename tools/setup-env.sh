@@ -16,7 +16,7 @@ quiet_pip() {  # pip, minus this machine's harmless "Location ... is ignored" in
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 start=$SECONDS
 quiet_pip install -q "$torch_req" numpy scikit-build-core pybind11 "cmake>=3.25" ninja \
-  pytest expecttest hypothesis tqdm matplotlib bitsandbytes==0.50.2
+  pytest expecttest hypothesis tqdm matplotlib scikit-learn bitsandbytes==0.50.2
 echo "[setup-env] $venv: dependencies ready in $((SECONDS - start)) s"
 start=$SECONDS
 quiet_pip install -q --no-build-isolation --force-reinstall --no-deps "$root"

@@ -219,18 +219,23 @@ def human_bytes(n: int | None) -> str:
         n /= 1024
 
 
-def table(results: dict) -> str:
-    head = ("optimizer", "train loss", "val loss", "state", "peak step mem", "ms/step", "ms/opt.step")
-    rows = [head] + [
-        (name, f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}", human_bytes(r["state_bytes"]),
-         human_bytes(r["peak_step_extra_rss_bytes"]), f"{r['ms_per_step']:.1f}", f"{r['ms_per_opt_step']:.2f}")
-        for name, r in results.items()
-    ]
+def format_table(head: tuple, rows: list[tuple]) -> str:
+    """Text columns: the first left-aligned, the others right-aligned, a rule under the head."""
+    rows = [head] + rows
     widths = [max(len(row[c]) for row in rows) for c in range(len(head))]
     lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def table(results: dict) -> str:
+    head = ("optimizer", "train loss", "val loss", "state", "peak step mem", "ms/step", "ms/opt.step")
+    return format_table(head, [
+        (name, f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}", human_bytes(r["state_bytes"]),
+         human_bytes(r["peak_step_extra_rss_bytes"]), f"{r['ms_per_step']:.1f}", f"{r['ms_per_opt_step']:.2f}")
+        for name, r in results.items()
+    ])
 
 
 def plot(results: dict, path: Path, title: str) -> None:
