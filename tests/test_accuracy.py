@@ -24,11 +24,14 @@ _spec.loader.exec_module(quality)
 @pytest.mark.parametrize("protocol", ["A", "B"])
 def test_default_8bit_is_within_0_4x_of_bitsandbytes_error(protocol):
     """tools/quality.py's protocol run itself: every variant against torch.optim.Adagrad."""
-    curves = quality.run_protocol(protocol, 1 << 20, 100, tqdm(disable=True))
+    names = {"Adagrad8bit (default)", "qmap='dynamic'", "qmap='signed'"}  # and bitsandbytes, if installed
+    curves = quality.run_protocol(protocol, 1 << 20, 100, tqdm(disable=True), only=names)
     final = {name: c["param"][-1] for name, c in curves.items()}
     peer = next((name for name in final if name.startswith("bitsandbytes")), "qmap='signed'")
     ours = final["Adagrad8bit (default)"]
-    assert 0 < ours <= 0.4 * final[peer], final  # > 0: the protocol really quantizes
+    # > 0: the protocol really quantizes. The protocols are deterministic (A: 4.35e-3 against a
+    # bound of 4.48e-3, the same bits on every instruction set; docs/accuracy.md)
+    assert 0 < ours <= 0.4 * final[peer], final
     assert ours < final["qmap='dynamic'"]  # the reason the default map changed (docs/accuracy.md)
 
 

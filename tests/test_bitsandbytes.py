@@ -268,7 +268,7 @@ def test_bitsandbytes_8bit_state_dict_into_another_layout_dequantizes_exactly(ta
         else:
             block = 0 if target == "tensorwise" else 64
             got = Q.dequantize(st["state1"], st["absmax1"], st["qmap1"], block)
-            # re-quantizing costs at most half a step of the map near each value; with the unsigned map
+            # re-quantizing costs at most half a step of the map near each value; with the default map
             # relative to the block scale that is < 5 % of the value or < 1e-3 of the scale.
             scale = want.abs().max()
             assert ((got - want).abs() <= 0.05 * want.abs() + 1e-3 * scale).all(), list(p.shape)
@@ -343,8 +343,8 @@ def test_8bit_to_torch_is_the_dequantized_state_and_torch_continues(block_wise):
     train(topt, tparams, grads[10:])
     err = worst_rel(tparams, ours, start)
     print(f"torch continuing from our 8-bit state vs ours 8-bit (20 steps, block_wise={block_wise}): {err:.3g}")
-    # ours keeps re-quantizing, torch does not: 8-bit quantization noise (ALGORITHM.md §8: ~1e-2 with the
-    # signed map over 100 steps, less with the unsigned one). Measured 4.7e-3 (both block_wise values,
-    # with the block-size fix); bound 2e-2.
+    # ours keeps re-quantizing, torch does not: 8-bit quantization noise (docs/accuracy.md: ~1e-2 with the
+    # signed map over 100 steps, less with the default one). Measured 3.1e-3 / 3.6e-3 (block_wise True /
+    # False; 4.7e-3 with the dynamic map); bound 2e-2.
     assert err <= 2e-2
     assert all(torch.isfinite(p).all() for p in tparams)

@@ -59,7 +59,7 @@ def test_quantize_roundtrip_error_and_zero_blocks():
         assert scales[0] == 0 and torch.all(Q.dequantize(codes, scales, q, 256)[:256] == 0)
         back = Q.dequantize(codes, scales, q, 256)
         rel = ((back - x).abs() / Q.per_element(scales, x.numel(), 256).clamp_min(1e-30))[256:]
-        assert rel.max() < 0.05  # the coarsest gap of the dynamic map, relative to the block scale
+        assert rel.max() < 0.05  # half the coarsest gap near the block scale (dynamic maps), relative to it
 
 
 def test_tapered_map_shape():
@@ -80,4 +80,4 @@ def test_tapered_map_shape():
     above = mid[mid >= 2.0**-30]
     bucket = (above.float().view(torch.int32) >> 15)  # exponent and 8 mantissa bits, as kernels.cpp
     assert bucket.unique().numel() == bucket.numel()
-    assert _sha(q) == _sha(Q.tapered_map())  # built deterministically
+    assert _sha(q).startswith("4a019dc9c59d0f89")  # the same bits everywhere (sqrt and division only)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from torch_adagrad8 import _ops, qmap as Q
@@ -25,9 +26,10 @@ def _quantize_by_step(value: float, seed: int, step: float = 1.0, qmap=None):
     return codes[1:], float(grads[1] * grads[1]), qmap
 
 
-def test_mean_is_unbiased():
+@pytest.mark.parametrize("map_name", ["dynamic", "tapered"])
+def test_mean_is_unbiased(map_name):
     for value in (3e-7 + 1e-8, 0.0123, 0.3, 0.77, 0.9999):
-        codes, x, qmap = _quantize_by_step(value, seed=42)
+        codes, x, qmap = _quantize_by_step(value, seed=42, qmap=Q.MAPS[map_name]())
         lo = qmap[codes.long()].min().item()
         hi = qmap[codes.long()].max().item()
         assert codes.unique().numel() <= 2, "rounds only to the two neighbours of x"

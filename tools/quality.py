@@ -1,6 +1,6 @@
 """8-bit accuracy: how far 8-bit Adagrad state takes training from 32-bit Adagrad.
 
-    .venv/cpu/bin/python -P tools/quality.py                   # everything, about 10 minutes on 2 cores
+    .venv/cpu/bin/python -P tools/quality.py                   # everything, about 5 minutes on 2 cores
     .venv/cpu/bin/python -P tools/quality.py --parts A B       # the two synthetic protocols only
     .venv/cpu/bin/python -P tools/quality.py --parts lm digits --seeds 0 1 2
 
@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 import torch_adagrad8 as A8
 from torch_adagrad8 import qmap as Q
-from torch_adagrad8.demo import ByteTransformer, batches, fixed_batches, format_table, split, stdlib_source
+from torch_adagrad8.demo import (ByteTransformer, batches, fixed_batches, format_table, split, stdlib_source,
+                                  trailing_mean)
 
 try:
     import bitsandbytes as bnb
@@ -54,7 +55,6 @@ EPS = 1e-10
 class Variant:
     name: str
     make: Callable  # (params, lr) -> optimizer
-    eight_bit: bool = True
 
 
 def ours(**options) -> Callable:
@@ -64,8 +64,8 @@ def ours(**options) -> Callable:
 def variants(training: bool) -> list[Variant]:
     """Every 8-bit option explored, with the peers. Training runs a shorter list (no block-size
     sweep), protocols the full one."""
-    out = [Variant("torch.optim.Adagrad", lambda ps, lr: torch.optim.Adagrad(ps, lr=lr, eps=EPS), False),
-           Variant("Adagrad32bit", lambda ps, lr: A8.Adagrad32bit(ps, lr=lr, eps=EPS), False)] if training else []
+    out = [Variant("torch.optim.Adagrad", lambda ps, lr: torch.optim.Adagrad(ps, lr=lr, eps=EPS)),
+           Variant("Adagrad32bit", lambda ps, lr: A8.Adagrad32bit(ps, lr=lr, eps=EPS))] if training else []
     out += [
         Variant("Adagrad8bit (default)", ours()),
         Variant("qmap='dynamic'", ours(qmap="dynamic")),
@@ -108,15 +108,14 @@ class SqrtStateAdagrad(torch.optim.Optimizer):
 
 
 def accumulator(opt: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
-    """The parameter's sum of squares as float32, dequantized where the state is 8-bit."""
+    """The (only) parameter's sum of squares as float32, dequantized where the state is 8-bit."""
     state = opt.state[p]
     if "sum" in state:
         return state["sum"].float()
-    codes, scales = state["state1"], state["absmax1"]
-    block = 0 if scales.numel() == 1 and codes.numel() > 1 else -(-codes.numel() // scales.numel())
-    if bnb is not None and isinstance(opt, bnb.optim.optimizer.Optimizer8bit):
-        block = 256  # bitsandbytes' block-wise 8-bit state always uses blocks of 256
-    return Q.dequantize(codes, scales, state["qmap1"], block)
+    if isinstance(opt, A8.Adagrad):  # dequantized with the state's own block layout
+        return opt.torch_state_dict()["state"][0]["sum"]
+    # bitsandbytes: block-wise 8-bit state, always in blocks of 256
+    return Q.dequantize(state["state1"], state["absmax1"], state["qmap1"], 256)
 
 
 # ---- protocols A and B -----------------------------------------------------------------------
@@ -158,10 +157,12 @@ def protocol_b(n: int, steps: int, dim: int = 64):
 PROTOCOLS = {"A": protocol_a, "B": protocol_b}
 
 
-def run_protocol(name: str, n: int, steps: int, bar: tqdm) -> dict:
+def run_protocol(name: str, n: int, steps: int, bar: tqdm, only: Optional[set] = None) -> dict:
+    """Error curves of every variant (or of those named in `only`, and bitsandbytes) against the
+    32-bit reference."""
     p0, grads = PROTOCOLS[name](n, steps)
-    runs = [Variant("reference", lambda ps, lr: torch.optim.Adagrad(ps, lr=lr, eps=EPS, foreach=False), False)]
-    runs += variants(training=False)
+    runs = [Variant("reference", lambda ps, lr: torch.optim.Adagrad(ps, lr=lr, eps=EPS, foreach=False))]
+    runs += [v for v in variants(training=False) if only is None or v.name in only or v.name.startswith("bitsandbytes")]
     params = [nn.Parameter(p0.clone()) for _ in runs]
     opts = [v.make([p], LR) for v, p in zip(runs, params)]
     curves = {v.name: {"param": [], "accumulator": []} for v in runs[1:]}
@@ -329,9 +330,8 @@ def plot_training(results: dict, path: Path) -> None:
         for name, per_seed in runs.items():
             curve = [statistics.fmean(v) for v in zip(*(r["losses"] for r in per_seed))]
             window = 25  # trailing mean: the curves lie close together
-            smooth = [statistics.fmean(curve[max(0, i - window + 1): i + 1]) for i in range(len(curve))]
-            ax.plot(smooth[window:], label=name, linewidth=1.2)
-        ax.set(xlabel=f"step (from {window})", ylabel="train loss (mean over seeds, 25-step mean)", title=task)
+            ax.plot(range(window + 1, len(curve) + 1), trailing_mean(curve, window)[window:], label=name, linewidth=1.2)
+        ax.set(xlabel="step", ylabel="train loss (mean over seeds, 25-step mean)", title=task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -238,6 +238,11 @@ def table(results: dict) -> str:
     ])
 
 
+def trailing_mean(values: list, window: int) -> list:
+    """Each value replaced by the mean of it and up to window - 1 values before it."""
+    return [statistics.fmean(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
+
+
 def plot(results: dict, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -246,10 +251,9 @@ def plot(results: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     # Dashed and dotted: the two 32-bit curves coincide (same math; they differ in the last bits).
     for (name, r), style in zip(results.items(), ("-", "--", ":")):
-        window = 20  # trailing mean, so the curves can be told apart from the noise
         losses = r["losses"]
-        smooth = [statistics.fmean(losses[max(0, i - window + 1): i + 1]) for i in range(len(losses))]
-        (line,) = ax.plot(smooth, style, linewidth=1.8, label=f"{name} (val {r['val_loss']:.3f})")
+        # a trailing mean of 20 steps, so that the curves can be told apart from the noise
+        (line,) = ax.plot(trailing_mean(losses, 20), style, linewidth=1.8, label=f"{name} (val {r['val_loss']:.3f})")
         ax.plot(losses, color=line.get_color(), alpha=0.15, linewidth=0.7)
     ax.set(xlabel="step", ylabel="train loss (nats per byte; mean of 20 steps)", title=title)
     ax.grid(alpha=0.3)

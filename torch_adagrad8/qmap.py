@@ -55,7 +55,7 @@ def tapered_map() -> Tensor:
 
     Near the top the codes are evenly spaced in sqrt(x) (0.85% apart at 1.0, 2.7% at 0.1), where
     the accumulators of dense gradients sit; further down the gaps widen to a constant ratio of
-    2.5, so the codes reach 1e-10 and a rarely seen row's accumulator is not rounded to 0 next
+    2.5, so the codes reach 2.7e-10 and a rarely seen row's accumulator is not rounded to 0 next
     to a block-mate 10^8 times larger. Python floats with sqrt and division only (correctly
     rounded everywhere), rounded once to float32: the same bits on every platform.
     """

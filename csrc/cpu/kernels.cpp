@@ -280,7 +280,7 @@ inline fVec uniform_vec(uint32_t span, int64_t first, const iVec& iota) {
 // Counts the values of a sorted table that lie below x (or at most x), for x in [0, 1], with
 // one read of a bucket table. x is bucketed on its float bits: bucket 0 is [0, 2^-30), and
 // each further bucket is one value of the top 17 bits (exponent and 8 mantissa bits, so at
-// most 0.4% wide, narrower than any gap between neighbouring values of the dynamic maps). An
+// most 0.4% wide, narrower than any gap between neighbouring values of the named maps). An
 // entry packs the count of values below the bucket with the low 15 bits of the one value
 // inside it, so that the final comparison is an integer compare of x's low bits (x and the
 // value share the high bits). An entry with kSearch set marks a bucket that holds more than
