@@ -401,3 +401,47 @@ def test_percentile_clipping_matches_plain_python_reference(percentile, steps):
         assert moved <= 2e-6
         hist = torch.tensor(history, dtype=torch.float64)
         torch.testing.assert_close(opt.state[p]["gnorm_vec"].double(), hist, rtol=1e-6, atol=0)
+
+
+_RESUME_CHILD = """
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import test_state_dict as T
+case, saved_path, out_path = sys.argv[2:]
+cls, kw, reload_kw, dtype = T.CASES[case]
+saved = torch.load(saved_path, weights_only=True)
+params = [torch.nn.Parameter(t) for t in saved["params"]]
+opt = cls(T.groups(params, weight_decay=0.02), lr=0.01, **{**kw, **reload_kw})
+opt.load_state_dict(saved["optimizer"])
+T.train(opt, params, range(6, 16))
+torch.save({"params": [p.detach() for p in params], "optimizer": opt.state_dict()}, out_path)
+"""
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_resume_in_a_new_process_is_bit_identical(case, tmp_path):
+    """Stop after 6 steps, save to disk, continue 10 steps in a fresh Python process that loads
+    with weights_only=True: the same bits as the run that never stopped (every state kind)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cls, kw, _, dtype = CASES[case]
+    params = make_params(dtype=dtype)
+    opt = cls(groups(params, weight_decay=0.02), lr=0.01, **kw)
+    train(opt, params, range(6))
+    torch.save({"params": [p.detach().clone() for p in params], "optimizer": opt.state_dict()}, tmp_path / "k.pt")
+    train(opt, params, range(6, 16))  # the uninterrupted run
+
+    script = tmp_path / "child.py"
+    script.write_text(_RESUME_CHILD)
+    subprocess.run([sys.executable, str(script), str(Path(__file__).parent), case, str(tmp_path / "k.pt"),
+                    str(tmp_path / "out.pt")], check=True, cwd=tmp_path)
+    resumed = torch.load(tmp_path / "out.pt", weights_only=True)
+    for p, q in zip(params, resumed["params"]):
+        assert p.dtype == q.dtype == dtype and torch.equal(p.detach(), q), list(p.shape)
+    ours = opt.state_dict()["state"]
+    assert ours.keys() == resumed["optimizer"]["state"].keys()
+    for i in ours:
+        _state_equal(ours[i], resumed["optimizer"]["state"][i])
