@@ -85,6 +85,46 @@ def test_non_finite_gradient_stays_in_its_element(kind, bad):
         assert torch.equal(clean.args[3][0], dirty.args[3][0])
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("kind", ["blockwise", "tensorwise"])
+def test_non_finite_gradient_where_the_block_max_would_be(kind, bad):
+    """ALGORITHM.md §6, the other case: the element's finite gradient would set its block's scale,
+    so the scales differ. Other blocks stay bit-identical; block-mates stay finite and each is
+    within half a map gap (at its block's scale) of the exact new accumulator in both runs."""
+    clean = make_case([(1000,)], torch.float32, kind, seed=5)
+    clean.args[1][0][300] = 1e3  # g*g = 1e6: far above every other new accumulator
+    dirty = clean.clone()
+    dirty.args[1][0][300] = bad
+    codes, absmax, qmap = clean.args[2][0], clean.args[3][0], clean.args[4]
+    block = clean.kwargs["block_size"]
+    exact = Q.dequantize(codes, absmax, qmap, block) + clean.args[1][0].float().square()  # new sums
+    check_against_reference(dirty)
+    clean.run()
+    dirty.run()
+    mates = torch.zeros(1000, dtype=torch.bool)
+    mates[(256 if block else 0):(512 if block else 1000)] = True
+    mates[300] = False
+    others = ~mates
+    others[300] = False
+    assert torch.isfinite(dirty.args[0][0][mates | others]).all()
+    if block:  # elements and scales of the other blocks: the same bits
+        assert torch.equal(clean.args[0][0][others], dirty.args[0][0][others])
+        assert torch.equal(clean.args[2][0][others], dirty.args[2][0][others])
+        assert torch.equal(torch.cat([clean.args[3][0][:1], clean.args[3][0][2:]]),
+                           torch.cat([dirty.args[3][0][:1], dirty.args[3][0][2:]]))
+    for case in (clean, dirty):
+        scale = Q.per_element(case.args[3][0], 1000, block)
+        got = Q.dequantize(case.args[2][0], case.args[3][0], qmap, block)
+        x = (exact / scale)[mates]
+        hi_i = torch.searchsorted(qmap, x).clamp(max=255)
+        lo_i = (hi_i - 1).clamp(min=0)
+        half_gap = (qmap[hi_i] - qmap[lo_i]) / 2 * scale[mates]
+        assert torch.isfinite(got[mates]).all()
+        assert ((got[mates] - exact[mates]).abs() <= half_gap * (1 + 1e-5) + 1e-30).all()
+    # the dirty scale is the finite max: block-mates keep a finer grid than the clean run's
+    assert dirty.args[3][0][1 if block else 0] < clean.args[3][0][1 if block else 0]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_thread_count_does_not_change_results(kind):
     case = make_case([(300_001,), (70_000,), (5,)], torch.bfloat16, kind, stochastic=kind != "fp32",
