@@ -7,6 +7,7 @@ import threading
 import torch
 
 import torch_adagrad8 as A
+from test_state_dict import _state_equal
 
 # One optimizer per thread, each on its own parameters; every state kind.
 KINDS = [
@@ -60,6 +61,4 @@ def test_threads_on_disjoint_parameters_match_sequential():
     for (ps, _, opt), (qs, _, qopt) in zip(sequential, threaded):
         for p, q in zip(ps, qs):
             assert torch.equal(p, q)
-            assert opt.state[p].keys() == qopt.state[q].keys()
-            for key in opt.state[p]:
-                assert torch.equal(opt.state[p][key], qopt.state[q][key]), key
+            _state_equal(opt.state[p], qopt.state[q])

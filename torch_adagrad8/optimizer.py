@@ -99,7 +99,7 @@ class Adagrad(torch.optim.Optimizer):
         self.seed = seed
         self.mng = GlobalOptimManager.get_instance()
         self._step_called = [False]  # backs _opt_called
-        self._maps: dict = {}  # (map name or id, device) -> the map tensor its states share
+        self._maps: dict = {}  # (named map's builder or tensor id, device) -> the map tensor its states share
         self._map_sources: list = []  # custom map tensors, kept alive so that their ids stay keys
         super().__init__(params, defaults)
 
@@ -183,9 +183,10 @@ class Adagrad(torch.optim.Optimizer):
     def _keep_map(self, qmap: Tensor) -> Tensor:
         """Keep a map that came with a loaded state (bitsandbytes' or a custom one)."""
         maps = self._maps
-        for name in Q.MAPS:
-            if torch.equal(qmap.cpu(), Q.MAPS[name]()):
-                return self._map_on({"qmap": name}, qmap.device)
+        for name in Q.MAPS:  # compared on qmap's device with the cached named maps (built once each)
+            named = self._map_on({"qmap": name}, qmap.device)
+            if torch.equal(named, qmap):
+                return named
         for t in maps.values():  # the same custom map as another state's: share it
             if t.device == qmap.device and torch.equal(t, qmap):
                 return t
