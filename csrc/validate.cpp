@@ -2,9 +2,14 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <tuple>
+#include <vector>
+
+#include "adagrad8/quant.h"
 
 namespace adagrad8 {
 namespace {
@@ -85,6 +90,98 @@ void check_optional_scalars(const char* name, const std::optional<at::TensorList
   }
 }
 
+// A map's values, read only where that is free: on the host (elsewhere it would sync). Finite, in
+// [-1, 1] and sorted, which the encoders' searches assume. _checks.py's map_values.
+void check_map_values(const at::Tensor& qmap) {
+  if (!qmap.device().is_cpu()) return;
+  const float* q = qmap.const_data_ptr<float>();
+  const char* rule = "; map values must be finite, in [-1, 1] and sorted";
+  for (int i = 0; i < kMapSize; ++i) {
+    TORCH_CHECK_VALUE(std::isfinite(q[i]) && q[i] >= -1.0f && q[i] <= 1.0f, "qmap[", i, "] is ", num_str(q[i]), rule);
+  }
+  for (int i = 0; i + 1 < kMapSize; ++i) {
+    TORCH_CHECK_VALUE(q[i] <= q[i + 1], "qmap[", i, "] = ", num_str(q[i]), " > qmap[", i + 1, "] = ",
+                      num_str(q[i + 1]), rule);
+  }
+}
+
+// Arguments that share memory. A tensor the op writes must not overlap any other argument (its
+// result would depend on the order of reads and writes); arguments it only reads may share.
+// Each argument gets an order number (its position in the op's argument list, lists flattened);
+// of the overlapping pairs found, the one reported is the first by (later order, earlier order),
+// which does not depend on where storages lie, so _checks.py's Overlaps reports the same pair.
+class Overlaps {
+ public:
+  void add(const char* name, at::TensorList tensors, bool writes) {
+    segments_.push_back({name, next_, static_cast<int>(tensors.size()), true});
+    for (const at::Tensor& t : tensors) add_one(t, writes);
+  }
+  void add(const char* name, const at::Tensor& t, bool writes) {
+    segments_.push_back({name, next_, 1, false});
+    add_one(t, writes);
+  }
+
+  void check() {
+    // Within a storage, by start then order; a span overlaps an earlier one iff it starts before
+    // the furthest end so far (of any span if it writes, of a written span if it only reads).
+    std::sort(spans_.begin(), spans_.end(), [](const Span& a, const Span& b) {
+      return std::tie(a.storage, a.begin, a.order) < std::tie(b.storage, b.begin, b.order);
+    });
+    std::pair<int, int> found{-1, -1};  // (later, earlier) order of the pair to report
+    const Span* any = nullptr;           // furthest-ending span of this storage so far
+    const Span* written = nullptr;       // the same among written spans
+    for (size_t k = 0; k < spans_.size(); ++k) {
+      const Span& s = spans_[k];
+      if (k > 0 && s.storage != spans_[k - 1].storage) any = written = nullptr;
+      const Span* other = s.writes ? any : written;
+      if (other != nullptr && s.begin < other->end) {
+        const std::pair<int, int> pair{std::max(s.order, other->order), std::min(s.order, other->order)};
+        if (found.first < 0 || pair < found) found = pair;
+      }
+      if (any == nullptr || s.end > any->end) any = &s;
+      if (s.writes && (written == nullptr || s.end > written->end)) written = &s;
+    }
+    TORCH_CHECK_VALUE(found.first < 0, name_of(found.second), " and ", name_of(found.first), " overlap in memory; ",
+                      "a tensor the step writes must not share memory with another argument");
+  }
+
+ private:
+  struct Span {
+    const void* storage;
+    int64_t begin, end;  // bytes into the storage
+    int order;
+    bool writes;
+  };
+  struct Segment {
+    const char* name;
+    int first, count;
+    bool list;
+  };
+
+  void add_one(const at::Tensor& t, bool writes) {
+    const int order = next_++;
+    if (t.numel() == 0 || !t.has_storage()) return;
+    const int64_t begin = t.storage_offset() * static_cast<int64_t>(t.itemsize());
+    spans_.push_back({t.storage().unsafeGetStorageImpl(), begin,
+                      begin + t.numel() * static_cast<int64_t>(t.itemsize()), order, writes});
+  }
+
+  std::string name_of(int order) const {
+    for (const Segment& s : segments_) {
+      if (order < s.first + s.count) return s.list ? at_index(s.name, order - s.first) : s.name;
+    }
+    return "?";
+  }
+
+  std::vector<Span> spans_;
+  std::vector<Segment> segments_;
+  int next_ = 0;
+};
+
+void add_optional(Overlaps& o, const char* name, const std::optional<at::TensorList>& list) {
+  o.add(name, list.has_value() ? *list : at::TensorList(), false);
+}
+
 }  // namespace
 
 int64_t scale_count(int64_t numel, int64_t block_size) {
@@ -132,6 +229,14 @@ void check_step(at::TensorList params, at::TensorList grads, at::TensorList stat
   for (size_t i = 0; i < params.size(); ++i) {
     check_like_param(at_index("state_sums", i), state_sums[i], params[i], i, at::kFloat);
   }
+  Overlaps o;  // in argument order
+  o.add("params", params, true);
+  o.add("grads", grads, false);
+  o.add("state_sums", state_sums, true);
+  o.add("steps", steps, false);
+  o.add("lr", lr, false);
+  add_optional(o, "gnorm_scales", gnorm_scales);
+  o.check();
 }
 
 void check_step_quantized(at::TensorList params, at::TensorList grads, at::TensorList codes, at::TensorList absmax,
@@ -142,8 +247,8 @@ void check_step_quantized(at::TensorList params, at::TensorList grads, at::Tenso
   const size_t n = params.size();
   check_lengths("absmax", absmax.size(), n);
   TORCH_CHECK_VALUE(block_size >= 0, "block_size must be >= 1, or 0 for one block per tensor, got ", block_size);
-  TORCH_CHECK_VALUE(qmap.scalar_type() == at::kFloat && qmap.numel() == 256 && qmap.is_contiguous(),
-                    "qmap must be a contiguous float32 tensor of 256 elements, got ", dtype_name(qmap.scalar_type()),
+  TORCH_CHECK_VALUE(qmap.scalar_type() == at::kFloat && qmap.numel() == kMapSize && qmap.is_contiguous(),
+                    "qmap must be a contiguous float32 tensor of ", kMapSize, " elements, got ", dtype_name(qmap.scalar_type()),
                     " with ", qmap.numel(), " elements");
   if (n == 0) return;
   check_device("qmap", qmap, params[0]);
@@ -158,6 +263,18 @@ void check_step_quantized(at::TensorList params, at::TensorList grads, at::Tenso
                       "] needs ", need, " for block_size ", block_size);
   }
   check_optional_scalars("seeds", seeds, n, params[0], at::kLong);
+  check_map_values(qmap);
+  Overlaps o;  // in argument order
+  o.add("params", params, true);
+  o.add("grads", grads, false);
+  o.add("codes", codes, true);
+  o.add("absmax", absmax, true);
+  o.add("qmap", qmap, false);
+  o.add("steps", steps, false);
+  o.add("lr", lr, false);
+  add_optional(o, "gnorm_scales", gnorm_scales);
+  add_optional(o, "seeds", seeds);
+  o.check();
 }
 
 void check_percentile_clip(at::TensorList grads, at::TensorList gnorm_vecs, at::TensorList steps,
@@ -183,6 +300,11 @@ void check_percentile_clip(at::TensorList grads, at::TensorList gnorm_vecs, at::
     check_device(at_index("steps", i), steps[i], g, gname);
     check_scalar(at_index("steps", i), steps[i], at::kFloat);
   }
+  Overlaps o;  // in argument order
+  o.add("grads", grads, false);
+  o.add("gnorm_vecs", gnorm_vecs, true);
+  o.add("steps", steps, false);
+  o.check();
 }
 
 }  // namespace adagrad8

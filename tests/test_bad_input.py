@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import Case, exception_messages, make_case, reference_impl
+from conftest import Case, assert_same, exception_messages, make_case, reference_impl
 
 
 def _set(index, fn):
@@ -25,6 +25,13 @@ def _item(index, i, fn):
     return mutate
 
 
+def _alias(index, i, source):
+    """Mutator making element i of the list argument `index` the tensor source(args)."""
+    def mutate(case: Case):
+        case.args[index][i] = source(case.args)
+    return mutate
+
+
 def _kw(key, value):
     def mutate(case: Case):
         case.kwargs[key] = value(case.kwargs[key]) if callable(value) else value
@@ -40,6 +47,32 @@ def _both(*mutators):
 
 def _noncontiguous(t):
     return t.repeat_interleave(2)[::2]
+
+
+def _overlapping_params(params):
+    """params[1] starting inside params[0]'s memory."""
+    base = torch.cat([params[0], params[1]])
+    return [base[:300], base[290:307]]
+
+
+def _swap(i, j):
+    def swap(qmap):
+        q = qmap.clone()
+        q[i], q[j] = qmap[j], qmap[i]
+        return q
+    return swap
+
+
+def _put(i, v):
+    def put(qmap):
+        q = qmap.clone()
+        q[i] = v
+        return q
+    return put
+
+
+OVERLAP = "; a tensor the step writes must not share memory with another argument"
+MAP_RULE = "; map values must be finite, in [-1, 1] and sorted"
 
 
 # (id, state kind, mutator, expected message). Positions: 0 params, 1 grads, 2 state_sums | codes,
@@ -78,6 +111,19 @@ CASES = [
     ("qmap-size", "blockwise", _set(4, lambda t: t[:255]), "qmap must be a contiguous float32 tensor of 256 elements, got float32 with 255 elements"),
     ("qmap-dtype", "tensorwise", _set(4, lambda t: t.double()), "qmap must be a contiguous float32 tensor of 256 elements, got float64 with 256 elements"),
     ("block-size", "blockwise", _kw("block_size", -1), "block_size must be >= 1, or 0 for one block per tensor, got -1"),
+    ("params-overlap", "fp32", _set(0, _overlapping_params), "params[0] and params[1] overlap in memory" + OVERLAP),
+    ("grad-aliases-param", "fp32", _alias(1, 0, lambda a: a[0][0]), "params[0] and grads[0] overlap in memory" + OVERLAP),
+    ("grad-aliases-param-8bit", "tensorwise", _alias(1, 1, lambda a: a[0][1]),
+     "params[1] and grads[1] overlap in memory" + OVERLAP),
+    ("state-aliases-grad", "fp32", _alias(2, 1, lambda a: a[1][1]), "grads[1] and state_sums[1] overlap in memory" + OVERLAP),
+    ("step-inside-state", "fp32", _alias(3, 0, lambda a: a[2][0][5:6]),
+     "state_sums[0] and steps[0] overlap in memory" + OVERLAP),
+    ("codes-inside-param", "blockwise", _alias(2, 0, lambda a: a[0][0].view(torch.uint8)[:300]),
+     "params[0] and codes[0] overlap in memory" + OVERLAP),
+    ("absmax-overlap", "blockwise", _alias(3, 1, lambda a: a[3][0][1:]), "absmax[0] and absmax[1] overlap in memory" + OVERLAP),
+    ("map-unsorted", "blockwise", _set(4, _swap(200, 201)), "qmap[200] = 0.596205 > qmap[201] = 0.589713" + MAP_RULE),
+    ("map-nan", "tensorwise", _set(4, _put(7, float("nan"))), "qmap[7] is nan" + MAP_RULE),
+    ("map-above-one", "blockwise", _set(4, _put(255, 1.5)), "qmap[255] is 1.5" + MAP_RULE),
     ("seed-dtype", "blockwise", _kw("seeds", [torch.tensor(1.0), torch.tensor(2.0)]),
      "seeds[0] must hold one int64 value, got float32 with 1 elements"),
 ]
@@ -93,7 +139,7 @@ def _snapshot(case):
 
 def _assert_untouched(case, before):
     for a, b in zip(case.mutable(), before):
-        assert torch.equal(a, b), "a failed call wrote to its inputs"
+        assert a.is_meta or torch.equal(a, b), "a failed call wrote to its inputs"
 
 
 @pytest.mark.parametrize("kind,mutate,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -134,18 +180,57 @@ def test_sparse_gradient_is_named():
     _assert_untouched(case, before)
 
 
-@pytest.mark.parametrize("kind", ["fp32", "blockwise"])
-def test_device_mismatch_in_the_cpu_kernel(kind):
-    """The C++ kernel names a tensor on another device (redispatched to CPU: this machine has one device)."""
+def _meta(t):
+    return torch.empty_like(t, device="meta")
+
+
+DEVICE_CASES = [  # one argument moved to the meta device (this machine has one real device)
+    ("grads", "fp32", _item(1, 1, _meta), "grads[1] is on meta but params[0] is on cpu"),
+    ("state", "fp32", _item(2, 0, _meta), "state_sums[0] is on meta but params[0] is on cpu"),
+    ("steps", "blockwise", _item(5, 1, _meta), "steps[1] is on meta but params[0] is on cpu"),
+    ("lr", "fp32", _kw("lr", _meta), "lr is on meta but params[0] is on cpu"),
+    ("qmap", "blockwise", _set(4, _meta), "qmap is on meta but params[0] is on cpu"),
+    ("absmax", "tensorwise", _item(3, 1, _meta), "absmax[1] is on meta but params[0] is on cpu"),
+    ("gnorm", "blockwise", _kw("gnorm_scales", lambda l: [l[0], _meta(l[1])]),
+     "gnorm_scales[1] is on meta but params[0] is on cpu"),
+    ("seeds", "blockwise", _kw("seeds", [torch.tensor(1), torch.tensor(2, device="meta")]),
+     "seeds[1] is on meta but params[0] is on cpu"),
+]
+
+
+@pytest.mark.parametrize("kind,mutate,message", [c[1:] for c in DEVICE_CASES], ids=[c[0] for c in DEVICE_CASES])
+def test_device_mismatch_in_the_cpu_kernel(kind, mutate, message):
+    """The C++ kernel names the tensor on another device (redispatched to CPU), and so does the
+    fake kernel (a meta tensor routes the call to it); nothing is written."""
     case = _valid(kind)
-    case.args[1][1] = torch.empty(17, device="meta")
-    message = "grads[1] is on meta but params[0] is on cpu"
+    mutate(case)
+    before = _snapshot(case)
     with pytest.raises(ValueError) as eager:
         case.overload.redispatch(torch._C.DispatchKeySet("CPU"), *case.args, **case.kwargs)
     assert str(eager.value) == message
-    with pytest.raises(ValueError) as fake:
-        case.run()  # a meta tensor routes the call to the fake kernel
-    assert str(fake.value) == message
+    if message.startswith(("grads", "steps", "lr", "gnorm", "seeds", "qmap")):  # read-only: the fake may run
+        with pytest.raises(ValueError) as fake:
+            case.run()
+        assert str(fake.value) == message
+    _assert_untouched(case, before)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "blockwise"])
+def test_read_only_arguments_may_share_memory(kind):
+    """Only tensors the step writes must not overlap: grads, steps, lr and clipping scales that
+    share memory are fine, and the step equals reference.py on the same shared inputs."""
+    case = make_case([(300,), (300,)], torch.float32, kind, gnorm=True)
+    grad, step = case.args[1][0], case.args[-1 if kind == "fp32" else 5][0]
+    case.args[1][1] = grad
+    case.args[3 if kind == "fp32" else 5][1] = step
+    scales = torch.tensor([0.5, 0.75])
+    case.kwargs["gnorm_scales"] = list(scales.unbind())
+    case.kwargs["lr"] = scales[1]
+    ref, before = case.clone(), case.args[0][0].clone()
+    case.run()
+    ref.run(reference_impl(kind))
+    assert_same(case, ref)
+    assert not torch.equal(case.args[0][0], before)  # it stepped
 
 
 def _clip_args():
@@ -166,6 +251,8 @@ CLIP_CASES = [
      "gnorm_vecs[0] must be a contiguous float32 tensor of shape [100], got float64 of shape [100]"),
     ("step-dtype", lambda a: (*a[:2], [a[2][0], a[2][1].long()], a[3]),
      "steps[1] must hold one float32 value, got int64 with 1 elements"),
+    ("vecs-shared", lambda a: (a[0], [a[1][0], a[1][0]], *a[2:]), "gnorm_vecs[0] and gnorm_vecs[1] overlap in memory" + OVERLAP),
+    ("step-inside-vec", lambda a: (*a[:2], [a[2][0], a[1][0][3:4]], a[3]), "gnorm_vecs[0] and steps[1] overlap in memory" + OVERLAP),
 ]
 
 

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from torch_adagrad8.qmap import MAP_SIZE, scale_count
 
@@ -72,6 +73,84 @@ def _like_param(name: str, t: Tensor, p: Tensor, i: int, dtype: torch.dtype) -> 
     _check(t.is_contiguous(), lambda: f"{name} must be contiguous")
 
 
+MAP_RULE = "map values must be finite, in [-1, 1] and sorted"
+
+
+def map_values(values: Sequence[float], name: str = "qmap") -> None:
+    """A map's values: finite, in [-1, 1] and sorted, which the encoders' searches assume."""
+    for i, v in enumerate(values):
+        _check(math.isfinite(v) and -1.0 <= v <= 1.0, lambda: f"{name}[{i}] is {v:g}; {MAP_RULE}")
+    for i in range(len(values) - 1):
+        a, b = values[i], values[i + 1]
+        _check(a <= b, lambda: f"{name}[{i}] = {a:g} > {name}[{i + 1}] = {b:g}; {MAP_RULE}")
+
+
+def check_map(qmap, name: str = "qmap") -> None:
+    """A map that enters a state (an optimizer's qmap option, init_state, a loaded state): a
+    floating-point tensor of MAP_SIZE values that map_values accepts. Its values are read once,
+    here (on an accelerator that is one sync, when the state is made, never per step), and not
+    while tracing."""
+    if not isinstance(qmap, Tensor) or not qmap.is_floating_point() or qmap.numel() != MAP_SIZE:
+        got = f"{_name(qmap.dtype)} with {qmap.numel()} values" if isinstance(qmap, Tensor) else type(qmap).__name__
+        raise ValueError(f"{name} must be a floating-point tensor of {MAP_SIZE} values, got {got}")
+    if torch.compiler.is_compiling() or qmap.is_meta or is_fake(qmap):  # no values to read (the op checks them)
+        return
+    map_values(qmap.detach().float().reshape(-1).tolist(), name)
+
+
+def _op_map_values(qmap: Tensor) -> None:
+    """The op's map-value check: only where the values are on the host (elsewhere reading them
+    would sync) and real (a fake tensor has none: under torch.compile the kernel checks them)."""
+    if not torch.compiler.is_compiling() and qmap.device.type == "cpu" and not is_fake(qmap):
+        map_values(qmap.tolist())
+
+
+class Overlaps:
+    """Arguments that share memory: a tensor the op writes must not overlap any other argument
+    (its result would depend on the order of reads and writes); read-only ones may share.
+    csrc/validate.cpp's Overlaps, which reports the same pair: the first by (later, earlier)
+    position in the op's argument list (lists flattened)."""
+
+    def __init__(self, at: Optional[Sequence[int]] = None):
+        self._ix = _index(at)
+        self._names: list[str] = []
+        self._storages: dict[int, list[tuple[int, Tensor, bool]]] = {}
+
+    def add(self, name: str, tensors, writes: bool, is_list: bool = True) -> None:
+        if torch.compiler.is_compiling():
+            # Dynamo cannot trace storage identity; the fake kernel checks the op call it traces
+            # (the same message, with positions in the op call's lists).
+            return
+        for i, t in enumerate(tensors if is_list else [tensors]):
+            order = len(self._names)
+            self._names.append(f"{name}[{self._ix(i)}]" if is_list else name)
+            self._storages.setdefault(t.untyped_storage()._cdata, []).append((order, t, writes))
+
+    def check(self) -> None:
+        found = None
+        for members in self._storages.values():
+            if len(members) < 2:  # the common case: no sizes are compared (they may be symbolic)
+                continue
+            spans = []
+            for order, t, writes in members:
+                size = t.element_size()
+                if t.numel() != 0:
+                    spans.append((t.storage_offset() * size, order, (t.storage_offset() + t.numel()) * size, writes))
+            spans.sort(key=lambda s: (s[0], s[1]))
+            any_end = written_end = None  # (end, order) of the furthest-ending span so far
+            for begin, order, end, writes in spans:
+                other = any_end if writes else written_end
+                if other is not None and begin < other[0]:
+                    pair = (max(order, other[1]), min(order, other[1]))
+                    found = pair if found is None else min(found, pair)
+                if any_end is None or end > any_end[0]:
+                    any_end = (end, order)
+                if writes and (written_end is None or end > written_end[0]):
+                    written_end = (end, order)
+        _check(found is None, lambda: f"{self._names[found[1]]} and {self._names[found[0]]} overlap in memory; "
+               "a tensor the step writes must not share memory with another argument")
+
+
 def _index(at: Optional[Sequence[int]]) -> Callable[[int], int]:
     return (lambda i: i) if at is None else (lambda i: at[i])
 
@@ -125,6 +204,14 @@ def check_step(params, grads, state_sums, steps, lr, lr_decay, weight_decay, eps
     ix = _index(at)
     for i, p in enumerate(params):
         _like_param(f"state_sums[{ix(i)}]", state_sums[i], p, ix(i), torch.float32)
+    overlaps = Overlaps(at)  # in argument order
+    overlaps.add("params", params, True)
+    overlaps.add("grads", grads, False)
+    overlaps.add("state_sums", state_sums, True)
+    overlaps.add("steps", steps, False)
+    overlaps.add("lr", lr, False, is_list=False)
+    overlaps.add("gnorm_scales", gnorm_scales or [], False)
+    overlaps.check()
 
 
 def check_step_quantized(
@@ -158,6 +245,18 @@ def check_step_quantized(
             lambda: f"{aname} has {absmax[i].numel()} elements but params[{ix(i)}] needs {need} for block_size {block_size}",
         )
     _optional_scalars("seeds", seeds, n, params[0], torch.int64, at)
+    _op_map_values(qmap)
+    overlaps = Overlaps(at)  # in argument order
+    overlaps.add("params", params, True)
+    overlaps.add("grads", grads, False)
+    overlaps.add("codes", codes, True)
+    overlaps.add("absmax", absmax, True)
+    overlaps.add("qmap", qmap, False, is_list=False)
+    overlaps.add("steps", steps, False)
+    overlaps.add("lr", lr, False, is_list=False)
+    overlaps.add("gnorm_scales", gnorm_scales or [], False)
+    overlaps.add("seeds", seeds or [], False)
+    overlaps.check()
 
 
 def check_percentile_clip(grads, gnorm_vecs, steps, percentile, at=None) -> None:
@@ -179,6 +278,11 @@ def check_percentile_clip(grads, gnorm_vecs, steps, percentile, at=None) -> None
         )
         _device(f"steps[{ix(i)}]", steps[i], g, gname)
         _scalar(f"steps[{ix(i)}]", steps[i], torch.float32)
+    overlaps = Overlaps(at)  # in argument order
+    overlaps.add("grads", grads, False)
+    overlaps.add("gnorm_vecs", gnorm_vecs, True)
+    overlaps.add("steps", steps, False)
+    overlaps.check()
 
 
 # ---- options shared by the optimizers and functional ----------------------------------------

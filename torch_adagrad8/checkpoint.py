@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from torch_adagrad8 import qmap as Q
+from torch_adagrad8 import _checks, qmap as Q
 
 if TYPE_CHECKING:
     from torch_adagrad8.optimizer import Adagrad
@@ -64,30 +64,83 @@ def saved_block(name: str, scales: int, n: int, group: dict) -> int:
                      f"({' or '.join(map(str, candidates))}; 0 = one per tensor) does not give for {n} elements")
 
 
+# What only other optimizers save (torch's Adam(W), SGD, RMSprop, Adadelta; bitsandbytes' two-state
+# optimizers): a state dict that has any of them is not an Adagrad's. bitsandbytes' one-state
+# optimizers (RMSprop, Momentum, Lion) save the keys its Adagrad saves, but with nonzero betas.
+FOREIGN_STATE_KEYS = ("state2", "exp_avg", "exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta")
+FOREIGN_GROUP_KEYS = ("momentum", "dampening", "nesterov", "amsgrad", "centered", "rho")
+
+
+def _check_group_source(gi: int, saved: dict) -> None:
+    for key in FOREIGN_GROUP_KEYS:
+        if key in saved:
+            raise ValueError(f"parameter group {gi} of the state dict has '{key}': it is another optimizer's "
+                             "state dict, not Adagrad's")
+    betas = saved.get("betas", (0.0, 0.0))
+    if not isinstance(betas, (tuple, list)) or any(b != 0 for b in betas):
+        raise ValueError(f"parameter group {gi} of the state dict has betas={betas!r}: it is another optimizer's "
+                         "state dict (bitsandbytes' Adagrad saves betas (0.0, 0.0))")
+
+
+def _tensor(name: str, s: dict, key: str, what: str, ok) -> Tensor:
+    t = s[key]
+    if not isinstance(t, Tensor) or not ok(t):
+        got = f"{str(t.dtype).removeprefix('torch.')} tensor" if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"state of {name}: '{key}' must be {what}, got a {got}")
+    return t
+
+
+def _is_float(t: Tensor) -> bool:
+    return t.is_floating_point()
+
+
 def _check_param_state(name: str, state: Any, p: Tensor, group: dict) -> None:
+    """Everything _converted reads, checked: keys, types, dtypes, sizes, and the values a valid
+    state cannot hold (a map that is not sorted, negative or non-finite scales, a negative
+    accumulator; NaN accumulator values are left alone: a non-finite gradient makes them, §6)."""
     if not isinstance(state, dict):
         raise ValueError(f"state of {name} must be a dict, got {type(state).__name__}")
     s = _flat(state)
+    for key in FOREIGN_STATE_KEYS:
+        if key in s:
+            raise ValueError(f"state of {name} has '{key}': it is another optimizer's state, not Adagrad's")
     if "step" not in s:
         raise ValueError(f"state of {name} has no 'step'")
+    step = s["step"]
+    if not (isinstance(step, (int, float)) and not isinstance(step, bool)):
+        _tensor(name, s, "step", "a number or a one-element real tensor", lambda t: t.numel() == 1 and not t.is_complex())
+    if "seed" in s:
+        _tensor(name, s, "seed", "a one-element integer tensor",
+                lambda t: t.numel() == 1 and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool)
     n = real(p).numel()
-    if "state1" in s and s["state1"].dtype == torch.uint8:
+    if "state1" in s and isinstance(s["state1"], Tensor) and s["state1"].dtype == torch.uint8:
         for key in ("absmax1", "qmap1"):
             if key not in s:
                 raise ValueError(f"state of {name} has 8-bit 'state1' but no '{key}'")
         if s["state1"].numel() != n:
             raise ValueError(f"state of {name}: 'state1' has {s['state1'].numel()} elements, the parameter {n}")
+        _tensor(name, s, "qmap1", "a floating-point tensor", _is_float)
         if s["qmap1"].numel() != Q.MAP_SIZE:
             raise ValueError(f"state of {name}: 'qmap1' has {s['qmap1'].numel()} values, expected {Q.MAP_SIZE}")
-        saved_block(name, s["absmax1"].numel(), n, group)
+        try:
+            _checks.check_map(s["qmap1"], "qmap1")
+        except ValueError as e:
+            raise ValueError(f"state of {name}: {e}") from None
+        absmax = _tensor(name, s, "absmax1", "a floating-point tensor", _is_float)
+        saved_block(name, absmax.numel(), n, group)
+        if not bool((torch.isfinite(absmax) & (absmax >= 0)).all()):
+            raise ValueError(f"state of {name}: 'absmax1' holds negative or non-finite scales")
         return
     key = "state1" if "state1" in s else "sum" if "sum" in s else None
     if key is None:
         raise ValueError(f"state of {name} has no accumulator ('sum' or 'state1')")
-    pairs = p.is_complex() and not s[key].is_complex() and s[key].numel() == 2 * p.numel()  # ours
-    if not pairs and (s[key].numel() != p.numel() or s[key].is_complex() != p.is_complex()):
-        raise ValueError(f"state of {name}: '{key}' has {s[key].numel()} elements of {s[key].dtype}, the parameter "
+    acc = _tensor(name, s, key, "a floating-point (or complex) tensor", lambda t: t.is_floating_point() or t.is_complex())
+    pairs = p.is_complex() and not acc.is_complex() and acc.numel() == 2 * p.numel()  # ours
+    if not pairs and (acc.numel() != p.numel() or acc.is_complex() != p.is_complex()):
+        raise ValueError(f"state of {name}: '{key}' has {acc.numel()} elements of {acc.dtype}, the parameter "
                          f"{p.numel()} of {p.dtype}")
+    if not acc.is_complex() and bool((acc < 0).any()):
+        raise ValueError(f"state of {name}: '{key}' holds negative values; an accumulator of squares cannot")
 
 
 def _converted(opt: "Adagrad", name: str, state: dict, p: Tensor, config: dict, saved_group: dict) -> dict:
@@ -134,6 +187,7 @@ def load_state_dict(opt: "Adagrad", state_dict: dict) -> None:
                          f"{len(opt.param_groups)}")
     new_groups = []
     for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+        _check_group_source(gi, saved)
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(f"parameter group {gi} has {len(saved['params'])} parameters in the state dict and "
                              f"{len(group['params'])} in the optimizer")
@@ -145,6 +199,10 @@ def load_state_dict(opt: "Adagrad", state_dict: dict) -> None:
         opt._check_bits(merged["optim_bits"])
         new_groups.append(merged)
 
+    listed = {key for saved in saved_groups for key in saved["params"]}
+    unlisted = [key for key in state_dict["state"] if key not in listed]
+    if unlisted:
+        raise ValueError(f"the state dict has state for parameter ids {unlisted[:5]}, which no parameter group lists")
     new_state: dict = {}
     for gi, (group, saved) in enumerate(zip(new_groups, saved_groups)):
         for pi, (p, key) in enumerate(zip(group["params"], saved["params"])):

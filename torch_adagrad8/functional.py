@@ -59,8 +59,19 @@ def init_state(param: Tensor, *, optim_bits: int = 32, initial_accumulator_value
     _check_block_size(block_size)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"Invalid seed: {seed!r} (must be an int or None)")
+    if qmap is not None:  # shared by identity with other states: used as it is, not converted
+        _checks.check_map(qmap)
+        if qmap.dtype != torch.float32 or not qmap.is_contiguous() or qmap.device != param.device:
+            raise ValueError(f"qmap must be a contiguous float32 tensor on the parameter's device ({param.device}), "
+                             f"got {str(qmap.dtype).removeprefix('torch.')} on {qmap.device}")
+    return build_state(param, optim_bits, float(initial_accumulator_value), block_size, qmap, percentile_clipping, seed)
+
+
+def build_state(param: Tensor, optim_bits: int, init: float, block_size: int, qmap: Optional[Tensor],
+                percentile_clipping: int, seed: Optional[int]) -> dict[str, Tensor]:
+    """init_state without its checks, for callers whose options and map are checked already (the
+    optimizers: reading a map's values inside a step would sync, and break a compiled graph)."""
     device = param.device
-    init = float(initial_accumulator_value)
     state = {"step": torch.zeros((), dtype=torch.float32, device=device)}
     if optim_bits == 8:
         qmap = default_map(device) if qmap is None else qmap

@@ -14,6 +14,7 @@ State of a parameter (everything a tensor on the parameter's device):
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -26,6 +27,8 @@ from torch_adagrad8.manager import GlobalOptimManager
 # Config that bitsandbytes reads from `args` (they override the keyword arguments).
 ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "max_unorm", "skip_zeros")
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.complex64)
+# A position in one of the lists of functional.plan's messages ("params[2]", "states[0]", ...).
+_LIST_INDEX = re.compile(r"\b(?:params|grads|states|state_sums|codes|absmax|steps|gnorm_scales|seeds|gnorm_vecs)\[(\d+)\]")
 
 
 def validate_config(config: dict) -> None:
@@ -40,9 +43,9 @@ def validate_config(config: dict) -> None:
             "does not apply it to Adagrad either); use 0"
         )
     qm = config["qmap"]
-    if isinstance(qm, Tensor):
-        if qm.dtype != torch.float32 or qm.numel() != Q.MAP_SIZE:
-            raise ValueError(f"Invalid qmap: a tensor qmap must be float32 with {Q.MAP_SIZE} values")
+    if isinstance(qm, Tensor):  # its values are checked once, when _map_on first copies it
+        if not qm.is_floating_point() or qm.numel() != Q.MAP_SIZE:
+            raise ValueError(f"Invalid qmap: a tensor qmap must be floating-point with {Q.MAP_SIZE} values")
     elif qm not in Q.MAPS:
         names = ", ".join(repr(name) for name in Q.MAPS)
         raise ValueError(f"Invalid qmap: {qm!r} (must be one of {names} or a sorted float32 tensor of 256)")
@@ -175,9 +178,13 @@ class Adagrad(torch.optim.Optimizer):
         maps = self._maps
         key = (Q.MAPS[qm] if isinstance(qm, str) else id(qm), device)  # aliases share a tensor
         if key not in maps:
-            maps[key] = (Q.MAPS[qm]() if isinstance(qm, str) else qm.detach().float()).to(device).contiguous()
             if not isinstance(qm, str):
+                try:
+                    _checks.check_map(qm)
+                except ValueError as e:
+                    raise ValueError(f"Invalid qmap: {e}") from None
                 self._map_sources.append(qm)
+            maps[key] = (Q.MAPS[qm]() if isinstance(qm, str) else qm.detach().float()).to(device).contiguous()
         return maps[key]
 
     def _keep_map(self, qmap: Tensor) -> Tensor:
@@ -198,9 +205,8 @@ class Adagrad(torch.optim.Optimizer):
         """The state a parameter starts with (complex parameters: as real pairs, both parts
         starting at initial_accumulator_value, like torch)."""
         eight_bit = self._eight_bit(config, p)
-        state = F.init_state(_real(p), optim_bits=8 if eight_bit else 32,
-                             initial_accumulator_value=config["initial_accumulator_value"],
-                             block_size=self._block(config), qmap=self._map_on(config, p.device) if eight_bit else None)
+        state = F.build_state(_real(p), 8 if eight_bit else 32, float(config["initial_accumulator_value"]),
+                              self._block(config), self._map_on(config, p.device) if eight_bit else None, 100, None)
         return {**state, **self._missing_state(p, state, config, index)}
 
     def _missing_state(self, p: Tensor, state: dict, config: dict, index: int) -> dict:
@@ -248,8 +254,8 @@ class Adagrad(torch.optim.Optimizer):
         lr = config["lr"]
         return ("override", id(lr) if isinstance(lr, Tensor) else lr)
 
-    def _check_grads(self) -> list[tuple[int, dict, Tensor, dict, int]]:
-        """(group index, group, param, config, flat index) of every parameter to step. Raises
+    def _check_grads(self) -> list[tuple[int, int, dict, Tensor, dict, int]]:
+        """(group index, index in the group, group, param, config, flat index) of every parameter to step. Raises
         before anything is written. A state's kind (8- or 32-bit) is fixed when it is created.
         (Runs per parameter on every eager step: the common case is kept to a few attribute reads.)"""
         todo = []
@@ -274,7 +280,7 @@ class Adagrad(torch.optim.Optimizer):
                 state = self.state.get(p)
                 if state and "state1" in state:
                     self._check_state_fits(gi, pi, config)
-                todo.append((gi, group, p, config, index - 1))
+                todo.append((gi, pi, group, p, config, index - 1))
         return todo
 
     def _check_state_fits(self, gi: int, pi: int, config: dict) -> None:
@@ -312,7 +318,7 @@ class Adagrad(torch.optim.Optimizer):
 
         calls: dict[tuple, list] = {}
         additions: dict[Tensor, dict] = {}  # new state entries, installed once every call is checked
-        for gi, group, p, config, index in self._check_grads():
+        for gi, pi, group, p, config, index in self._check_grads():
             state = self.state.get(p)
             if state:
                 extra = self._missing_state(p, state, config, index)
@@ -327,7 +333,7 @@ class Adagrad(torch.optim.Optimizer):
             key = (gi, config["lr_decay"], config["weight_decay"], config["eps"], config["maximize"],
                    config["skip_zeros"], config["percentile_clipping"], self._block(config),
                    config["stochastic_rounding"], self._lr_key(group, p, config))
-            calls.setdefault(key, []).append((p, state, config))
+            calls.setdefault(key, []).append((p, state, config, (gi, pi)))
 
         # Everything is checked before anything is written: arguments of every call first.
         prepared = [self._prepare_call(members) for members in calls.values()]
@@ -344,19 +350,24 @@ class Adagrad(torch.optim.Optimizer):
         A complex or non-contiguous parameter steps through a contiguous real copy that is copied
         back afterwards (a view of it would not survive torch.compile's functionalization)."""
         config = members[0][2]
-        params = [_writable(p) for p, _, _ in members]
-        calls = F.plan(params, [_real(p.grad).contiguous() for p, _, _ in members], [s for _, s, _ in members],
-                       lr=config["lr"], lr_decay=config["lr_decay"], weight_decay=config["weight_decay"],
-                       eps=config["eps"], maximize=config["maximize"],
-                       percentile_clipping=config["percentile_clipping"], skip_zeros=config["skip_zeros"],
-                       block_size=self._block(config), stochastic_rounding=config["stochastic_rounding"])
+        params = [_writable(p) for p, _, _, _ in members]
+        try:
+            calls = F.plan(params, [_real(p.grad).contiguous() for p, _, _, _ in members],
+                           [s for _, s, _, _ in members], lr=config["lr"], lr_decay=config["lr_decay"],
+                           weight_decay=config["weight_decay"], eps=config["eps"], maximize=config["maximize"],
+                           percentile_clipping=config["percentile_clipping"], skip_zeros=config["skip_zeros"],
+                           block_size=self._block(config), stochastic_rounding=config["stochastic_rounding"])
+        except ValueError as e:  # plan names tensors by their positions in this call's lists: name the parameters
+            positions = sorted({int(i) for i in _LIST_INDEX.findall(str(e)) if int(i) < len(members)})
+            legend = "; ".join(f"[{i}] is {self._name(*members[i][3])}" for i in positions)
+            raise ValueError(f"{e} ({legend})" if legend else str(e)) from None
         return members, params, calls
 
     @staticmethod
     def _run_calls(members: list, params: list, calls: list) -> None:
         for call in calls:
             call.run()
-        for (p, _, _), work in zip(members, params):
+        for (p, _, _, _), work in zip(members, params):
             if work is not p:  # a copy: write the result back
                 p.copy_(torch.view_as_complex(work) if p.is_complex() else work)
 
