@@ -20,7 +20,9 @@ at::Tensor clip_one(const at::Tensor& grad, const at::Tensor& gnorm_vec, const a
                     int64_t percentile) {
   const at::Tensor n2 = at::linalg_vector_norm(grad, 2, std::nullopt, false, at::kFloat).square();
   const at::Tensor t = step.reshape({});
-  const at::Tensor slot = at::remainder(t, kHistory).to(at::kLong).reshape({1});
+  // A NaN or infinite step (values are not checked: reading them would sync) writes slot 0
+  // rather than converting NaN to an index (undefined; out of range on a GPU).
+  const at::Tensor slot = at::remainder(t, kHistory).nan_to_num(0.0).clamp(0, kHistory - 1).to(at::kLong).reshape({1});
   const at::Tensor fresh = at::logical_or(t.eq(1), gnorm_vec.select(0, 0).eq(kNoHistory));
   const at::Tensor recorded = gnorm_vec.index_put({slot}, n2.reshape({1}));
   gnorm_vec.copy_(at::where(fresh, n2.expand({kHistory}), recorded));

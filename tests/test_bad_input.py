@@ -270,3 +270,17 @@ def test_percentile_clip_eager_and_fake_agree(mutate, message):
         torch.compile(lambda a: op(*a), fullgraph=True, backend="eager")(args)
     assert message in list(exception_messages(traced.value)), str(traced.value)
     assert all(torch.equal(v, b) for v, b in zip(args[1], before))
+
+
+@pytest.mark.parametrize("step", [float("nan"), float("inf"), -5.0])
+def test_percentile_clip_with_any_step_value_records_in_range(step):
+    """Step values are not checked (reading them would sync): a NaN or infinite step records in
+    slot 0 instead of indexing with NaN (out of range on a GPU); a negative one wraps like Python."""
+    grads, vecs, steps, _ = _clip_args()  # vecs[1] holds a history
+    steps[1].fill_(step)
+    before = vecs[1].clone()
+    torch.ops.adagrad8.percentile_clip.default(grads, vecs, steps, 90)
+    slot = 95 if step == -5.0 else 0
+    others = torch.arange(100) != slot
+    assert vecs[1][slot] == torch.linalg.vector_norm(grads[1]).square()
+    assert torch.equal(vecs[1][others], before[others])

@@ -58,3 +58,18 @@ def test_signed_map_is_unbiased_too():
     mean = qmap[codes.long()].double().mean().item()
     lo, hi = qmap[codes.long()].min().item(), qmap[codes.long()].max().item()
     assert abs(mean - x) <= 5 * math.sqrt((x - lo) * (hi - x) / codes.numel())
+
+
+@pytest.mark.parametrize("step", [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 2.0**63, 2.0**62, -3.0])
+def test_any_step_value_gives_the_reference_key(step):
+    """Step values are not checked (reading them would sync): a NaN, infinite or huge one must
+    still give a defined key, the reference's (converting it to int64 directly is undefined
+    behaviour, which UBSan found in tools/sanitize.sh)."""
+    from conftest import assert_same, make_case, reference_impl
+
+    case = make_case([(3000,), (300,)], torch.float32, "blockwise", stochastic=True)
+    case.args[5][0].fill_(step)
+    ref = case.clone()
+    case.run()
+    ref.run(reference_impl("blockwise"))
+    assert_same(case, ref)

@@ -45,9 +45,16 @@ def mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+def step_index(step: Tensor) -> Tensor:
+    """rng.h's step_index: the step count as int64, INT64_MIN where it is NaN or outside [-2^63, 2^63)."""
+    s = step.reshape(())
+    inside = (s >= -(2.0**63)) & (s < 2.0**63)
+    return torch.where(inside, torch.where(inside, s, 0.0).long(), torch.iinfo(torch.int64).min)
+
+
 def uniforms(seed: Tensor, step: Tensor, numel: int) -> Tensor:
     """rng.h's uniform_at for elements 0..numel-1 of one tensor at one step."""
-    stream = mix64(seed.reshape(()).long() ^ mix64(step.reshape(()).long()))
+    stream = mix64(seed.reshape(()).long() ^ mix64(step_index(step)))
     index = torch.arange(numel, dtype=torch.int64, device=seed.device)
     span = (stream & _M32) ^ mix32((_shr(stream, 32) + (index >> 32)) & _M32)
     bits = mix32(span ^ (index & _M32))

@@ -60,7 +60,7 @@ Call make_call(at::TensorList params, at::TensorList grads, at::TensorList steps
     it.block = it.numel > 0 ? it.numel : 1;
     it.clr = decayed_lr(lr_value, step, lr_decay);
     it.gnorm_scale = gnorm_scales.has_value() ? read_float((*gnorm_scales)[i]) : 1.0f;
-    it.stream = seeds.has_value() ? stream_key(*(*seeds)[i].const_data_ptr<int64_t>(), static_cast<int64_t>(step)) : 0;
+    it.stream = seeds.has_value() ? stream_key(*(*seeds)[i].const_data_ptr<int64_t>(), step_index(step)) : 0;
     call.items.push_back(it);
   }
   return call;

@@ -141,7 +141,7 @@ __device__ __forceinline__ void set_tensor_scalars(const QuantTensor& t, const S
                                                    uint64_t* stream) {
   const float step = *t.step;
   *clr = decayed_lr(*s.lr, step, s.lr_decay);
-  *stream = stochastic ? stream_key(*t.seed, static_cast<int64_t>(step)) : 0;
+  *stream = stochastic ? stream_key(*t.seed, step_index(step)) : 0;
 }
 
 // Max of v over each aligned group of `group` threads (a power of two <= kThreads), returned to

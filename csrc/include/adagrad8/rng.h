@@ -31,6 +31,14 @@ ADAGRAD8_HD uint32_t mix32(uint32_t x) {
 }
 
 // Key of one tensor at one step.
+// The step count as the int64 of the stochastic-rounding key. Converting a float outside
+// [-2^63, 2^63) (NaN, an infinity, a huge count: step values are not checked, reading them
+// would sync) to int64 is undefined behaviour (UBSan's float-cast-overflow found it); this
+// gives INT64_MIN there on every device, what reference.py's .long() gives on x86.
+ADAGRAD8_HD int64_t step_index(float step) {
+  return step >= -0x1p63f && step < 0x1p63f ? static_cast<int64_t>(step) : INT64_MIN;
+}
+
 ADAGRAD8_HD uint64_t stream_key(int64_t seed, int64_t step) {
   return mix64(static_cast<uint64_t>(seed) ^ mix64(static_cast<uint64_t>(step)));
 }
