@@ -61,6 +61,7 @@ void check_device(const std::string& name, const at::Tensor& t, const at::Tensor
 
 // A 0-dim or one-element tensor of the given dtype.
 void check_scalar(const std::string& name, const at::Tensor& t, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, name, " is sparse; only dense tensors are supported");
   TORCH_CHECK_VALUE(t.scalar_type() == dtype && t.numel() == 1, name, " must hold one ", dtype_name(dtype),
                     " value, got ", dtype_name(t.scalar_type()), " with ", t.numel(), " elements");
 }
@@ -107,9 +108,11 @@ void check_map_values(const at::Tensor& qmap) {
 
 // Arguments that share memory. A tensor the op writes must not overlap any other argument (its
 // result would depend on the order of reads and writes); arguments it only reads may share.
-// Each argument gets an order number (its position in the op's argument list, lists flattened);
-// of the overlapping pairs found, the one reported is the first by (later order, earlier order),
-// which does not depend on where storages lie, so _checks.py's Overlaps reports the same pair.
+// Each argument gets an order number (its position in the op's argument list, lists flattened).
+// A sweep per storage finds, for each span that overlaps an earlier one, one partner (the
+// furthest-ending earlier span); of those pairs the one reported is the first by (later order,
+// earlier order). That does not depend on where storages lie, so _checks.py's Overlaps, running
+// the same sweep, reports the same pair. (Not necessarily the first of all overlapping pairs.)
 class Overlaps {
  public:
   void add(const char* name, at::TensorList tensors, bool writes) {
@@ -160,7 +163,7 @@ class Overlaps {
 
   void add_one(const at::Tensor& t, bool writes) {
     const int order = next_++;
-    if (t.numel() == 0 || !t.has_storage()) return;
+    if (t.numel() == 0) return;  // every argument is dense by now: it has a storage
     const int64_t begin = t.storage_offset() * static_cast<int64_t>(t.itemsize());
     spans_.push_back({t.storage().unsafeGetStorageImpl(), begin,
                       begin + t.numel() * static_cast<int64_t>(t.itemsize()), order, writes});

@@ -190,6 +190,8 @@ CASES = [
     ("load-map-dtype", _load(_edit_state(1, "qmap1", lambda t: t.to(torch.int32))), r"'qmap1' must be a floating-point tensor, got a int32"),
     ("load-step-string", _load(_edit_state(0, "step", lambda t: "2")), r"'step' must be a number or a one-element real tensor, got a str"),
     ("load-step-shape", _load(_edit_state(0, "step", lambda t: t.repeat(3))), r"'step' must be a number or a one-element real tensor"),
+    ("load-seed-float", _load(lambda sd: sd["state"][1].__setitem__("seed", torch.tensor(1.5))),
+     r"'seed' must be a one-element integer tensor, got a float32 tensor"),
     ("load-extra-state", _load(lambda sd: sd["state"].__setitem__(99, dict(sd["state"][0]))),
      r"state for parameter ids \[99\], which no parameter group lists"),
     ("load-extra-group", _load(lambda sd: sd["param_groups"].append(dict(sd["param_groups"][1], params=[99]))),
@@ -283,3 +285,16 @@ def test_parameters_that_share_memory_are_rejected():
                                          r"param_groups\[0\]\['params'\]\[0\] \(shape \[12\]\); \[1\] is parameter "):
         opt.step()
     assert torch.equal(base, before) and len(opt.state) == 0
+
+
+def test_a_float64_map_is_accepted_as_its_float32_values():
+    """The qmap option takes any floating-point tensor of 256 values (bitsandbytes users pass
+    float32 ones; a float64 one steps exactly like its float32 copy)."""
+    runs = []
+    for qmap in (Q.tapered_map(), Q.tapered_map().double()):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 5000))
+        opt = A.Adagrad8bit([p], qmap=qmap)
+        p.grad = torch.linspace(2, -3, 5000)
+        opt.step()
+        runs.append((p.detach().clone(), opt.state[p]["state1"].clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])

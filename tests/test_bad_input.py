@@ -3,6 +3,8 @@ the same message from the C++ kernel (eager), the fake kernel (torch.compile) an
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -163,20 +165,41 @@ def test_eager_fake_and_reference_agree(kind, mutate, message):
         validate(*case.args, **case.kwargs)
     assert str(checked.value) == message
 
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda args, kwargs: case.overload(*args, **kwargs), fullgraph=True, backend="eager")
-    with pytest.raises(Exception) as traced:
-        compiled(case.args, case.kwargs)
-    assert message in list(exception_messages(traced.value)) or message in str(traced.value), str(traced.value)
+    # Under torch.compile the fake kernel raises while tracing: the graph never reaches the
+    # backend. Map values are the exception: a fake tensor has none, so the graph compiles and
+    # the CPU kernel raises when it runs, before writing.
+    traced_graphs = []
+    with pytest.raises(Exception) as compiled:
+        _compile_recording(lambda args, kwargs: case.overload(*args, **kwargs), traced_graphs)(case.args, case.kwargs)
+    assert message in list(exception_messages(compiled.value)), str(compiled.value)
+    assert len(traced_graphs) == (1 if message.endswith(MAP_RULE) else 0)
     _assert_untouched(case, before)
 
 
-def test_sparse_gradient_is_named():
-    case = _valid("fp32")
-    case.args[1][1] = case.args[1][1].to_sparse()
+def _compile_recording(fn, graphs: list):
+    """torch.compile(fn, fullgraph=True) with a backend that records each graph it is given (so
+    a test can tell an error raised while tracing from one raised when the graph runs)."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend=backend)
+
+
+@pytest.mark.parametrize("kind,mutate,name", [
+    ("fp32", _item(1, 1, lambda t: t.to_sparse()), "grads[1]"),
+    ("fp32", _item(3, 0, lambda t: t.to_sparse()), "steps[0]"),
+    ("blockwise", _kw("lr", lambda t: t.to_sparse()), "lr"),
+    ("blockwise", _kw("seeds", [torch.tensor(1), torch.tensor(2).to_sparse()]), "seeds[1]"),
+], ids=["grad", "step", "lr", "seed"])
+def test_sparse_arguments_are_named(kind, mutate, name):
+    """Eager only (Dynamo does not trace sparse inputs): the C++ kernel and reference.py name them."""
+    case = _valid(kind)
+    mutate(case)
     before = _snapshot(case)
-    with pytest.raises(ValueError, match=r"^grads\[1\] is sparse; only dense tensors are supported$"):
-        case.run()
+    for impl in (None, reference_impl(kind)):
+        with pytest.raises(ValueError, match=rf"^{re.escape(name)} is sparse; only dense tensors are supported$"):
+            case.run(impl)
     _assert_untouched(case, before)
 
 
@@ -265,10 +288,11 @@ def test_percentile_clip_eager_and_fake_agree(mutate, message):
         op(*args)
     assert str(eager.value) == message
     assert all(torch.equal(v, b) for v, b in zip(args[1], before))
-    torch._dynamo.reset()
+    traced_graphs = []
     with pytest.raises(Exception) as traced:
-        torch.compile(lambda a: op(*a), fullgraph=True, backend="eager")(args)
+        _compile_recording(lambda a: op(*a), traced_graphs)(args)
     assert message in list(exception_messages(traced.value)), str(traced.value)
+    assert not traced_graphs, "the fake kernel must raise while tracing"
     assert all(torch.equal(v, b) for v, b in zip(args[1], before))
 
 

@@ -52,6 +52,7 @@ def _device(name: str, t: Tensor, ref: Tensor, ref_name: str = "params[0]") -> N
 
 
 def _scalar(name: str, t: Tensor, dtype: torch.dtype) -> None:
+    _sparse(name, t)
     _check(
         t.dtype == dtype and t.numel() == 1,
         lambda: f"{name} must hold one {_name(dtype)} value, got {_name(t.dtype)} with {t.numel()} elements",
@@ -108,8 +109,7 @@ def _op_map_values(qmap: Tensor) -> None:
 class Overlaps:
     """Arguments that share memory: a tensor the op writes must not overlap any other argument
     (its result would depend on the order of reads and writes); read-only ones may share.
-    csrc/validate.cpp's Overlaps, which reports the same pair: the first by (later, earlier)
-    position in the op's argument list (lists flattened)."""
+    csrc/validate.cpp's Overlaps, which runs the same sweep and so reports the same pair."""
 
     def __init__(self, at: Optional[Sequence[int]] = None):
         self._ix = _index(at)
@@ -117,9 +117,9 @@ class Overlaps:
         self._storages: dict[int, list[tuple[int, Tensor, bool]]] = {}
 
     def add(self, name: str, tensors, writes: bool, is_list: bool = True) -> None:
-        if torch.compiler.is_compiling():
-            # Dynamo cannot trace storage identity; the fake kernel checks the op call it traces
-            # (the same message, with positions in the op call's lists).
+        if torch.compiler.is_dynamo_compiling():
+            # Dynamo cannot trace storage identity; the fake kernel, which runs untraced on the
+            # op call Dynamo records, checks it (the same message, positions in that call's lists).
             return
         for i, t in enumerate(tensors if is_list else [tensors]):
             order = len(self._names)
