@@ -49,6 +49,11 @@ TORCH_LIBRARY(adagrad8, m) {
   // the per-tensor Python checks (csrc/validate.cpp; torch_adagrad8/functional.py).
   m.def(step_schema("validate", kStepArgs, false).c_str(), {at::Tag::pt2_compliant_tag});
   m.def(step_schema("validate.quantized", kQuantizedArgs, false).c_str(), {at::Tag::pt2_compliant_tag});
+  // The overlap rule alone, over tensors from any number of calls: none in `written` may share
+  // memory with another tensor. names (written, then read) name them in the message. An
+  // optimizer step runs it over all its calls, counting the step counts and clipping histories
+  // it increments as written.
+  m.def("validate.overlaps(Tensor[] written, Tensor[] read, str[] names) -> ()", {at::Tag::pt2_compliant_tag});
 }
 
 namespace {
@@ -74,4 +79,5 @@ void validate_step_quantized(at::TensorList params, at::TensorList grads, at::Te
 TORCH_LIBRARY_IMPL(adagrad8, CompositeExplicitAutograd, m) {
   m.impl("validate", &validate_step);
   m.impl("validate.quantized", &validate_step_quantized);
+  m.impl("validate.overlaps", &adagrad8::check_overlaps);
 }

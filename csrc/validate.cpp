@@ -280,6 +280,28 @@ void check_step_quantized(at::TensorList params, at::TensorList grads, at::Tenso
   o.check();
 }
 
+void check_overlaps(at::TensorList written, at::TensorList read, const c10::List<std::string>& names) {
+  const size_t n = written.size() + read.size();
+  TORCH_CHECK_VALUE(names.empty() || names.size() == n, "names has ", names.size(), " entries but there are ", n,
+                    " tensors; give one name per tensor (written, then read) or none");
+  const std::vector<std::string> kept(names.begin(), names.end());  // declared before o, which points into it
+  auto tensor = [&](size_t i) -> const at::Tensor& { return i < written.size() ? written[i] : read[i - written.size()]; };
+  auto name = [&](size_t i) {
+    return !kept.empty() ? kept[i] : i < written.size() ? at_index("written", i) : at_index("read", i - written.size());
+  };
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(tensor(i).layout() == at::kStrided, name(i), " is sparse; only dense tensors are supported");
+  }
+  Overlaps o;  // written, then read
+  if (kept.empty()) {
+    o.add("written", written, true);
+    o.add("read", read, false);
+  } else {
+    for (size_t i = 0; i < n; ++i) o.add(kept[i].c_str(), tensor(i), i < written.size());
+  }
+  o.check();
+}
+
 void check_percentile_clip(at::TensorList grads, at::TensorList gnorm_vecs, at::TensorList steps,
                            int64_t percentile) {
   const size_t n = grads.size();

@@ -5,9 +5,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/List.h>
 #include <c10/util/ArrayRef.h>
 
 #include <optional>
+#include <string>
 
 namespace adagrad8 {
 
@@ -35,6 +37,12 @@ constexpr double kNoHistory = -1.0;
 
 void check_percentile_clip(at::TensorList grads, at::TensorList gnorm_vecs, at::TensorList steps,
                            int64_t percentile);
+
+// The overlap rule over any tensors: none in `written` may share memory with another tensor.
+// names (one per tensor, written then read, or none) name them in the message; functional.plan
+// runs it over a whole step, which spans several op calls and writes the step counts and
+// clipping histories too.
+void check_overlaps(at::TensorList written, at::TensorList read, const c10::List<std::string>& names);
 
 // Number of scales params of `numel` elements has with `block_size` (0: one per tensor).
 int64_t scale_count(int64_t numel, int64_t block_size);

@@ -71,6 +71,14 @@ def _set_state(i, key, value):
     return fault
 
 
+def _put_state(i, key, source):
+    """state[key] of params[i] set to source(opt, params): a tensor another argument owns."""
+    def fault(opt, params):
+        opt.state[params[i]][key] = source(opt, params)
+        return opt.step
+    return fault
+
+
 def _set_grad(i, value):
     """torch itself refuses a .grad of another dtype or shape: set through grad_dtype and .data."""
     def fault(opt, params):
@@ -157,6 +165,20 @@ CASES = [
     ("step-dtype", _set_state(0, "step", lambda t, p: t.long()), r"^steps\[0\] must hold one float32 value, got int64"),
     ("step-shape", _set_state(1, "step", lambda t, p: t.repeat(2)), r"^steps\[1\] must hold one float32 value, got float32 with 2"),
     ("gnorm-vec-shape", _set_state(1, "gnorm_vec", lambda t, p: t[:50]), r"^gnorm_vecs\[1\] must be a contiguous float32 tensor"),
+    # state that shares memory across parameters and calls (w, v and e are stepped by three op
+    # calls; the step counts and clipping histories are written by the step, not by the ops)
+    ("step-shared-across-groups", _put_state(2, "step", lambda opt, ps: opt.state[ps[1]]["step"]),
+     r"^states\[1\]\['step'\] and states\[2\]\['step'\] overlap in memory; a tensor the step writes must not share "
+     r"memory with another argument \(\[1\] is " + GRAD + r"; \[2\] is parameter param_groups\[1\]\['params'\]\[0\] "
+     r"\(shape \[5000\]\)\)$"),
+    ("step-shared-in-group", _put_state(1, "step", lambda opt, ps: opt.state[ps[0]]["step"]),
+     r"^states\[0\]\['step'\] and states\[1\]\['step'\] overlap in memory"),
+    ("step-inside-grad", _put_state(1, "step", lambda opt, ps: ps[1].grad[7]),
+     r"^states\[1\]\['step'\] and grads\[1\] overlap in memory; .*\(\[1\] is " + GRAD + r"\)$"),
+    ("gnorm-vec-inside-param", _put_state(2, "gnorm_vec", lambda opt, ps: ps[2].detach()[100:200]),
+     r"^params\[2\] and states\[2\]\['gnorm_vec'\] overlap in memory"),
+    ("gnorm-vec-inside-other-state", _put_state(1, "gnorm_vec", lambda opt, ps: opt.state[ps[2]]["state1"][:400].view(torch.float32)),
+     r"^states\[1\]\['gnorm_vec'\] and states\[2\]\['state1'\] overlap in memory"),
     # ---- step: options changed after construction
     ("lr-nan", _set_group(0, "lr", float("nan")), r"^Invalid lr: nan"),
     ("lr-negative", _set_group(1, "lr", -0.1), r"^Invalid lr: -0.1"),
@@ -243,6 +265,10 @@ FUNCTIONAL_CASES = [  # (id, edit of (params, grads, states), message); more in 
     ("state-aliases-grad", lambda ps, gs, sts: sts[1].__setitem__("sum", gs[1]), r"^grads\[1\] and state_sums\[1\] overlap"),
     ("map-unsorted", lambda ps, gs, sts: sts[0]["qmap1"].copy_(_unsorted(sts[0]["qmap1"])),
      r"^qmap\[40\] = .* > qmap\[41\]"),
+    ("step-shared", lambda ps, gs, sts: sts[1].__setitem__("step", sts[0]["step"]),
+     r"^states\[0\]\['step'\] and states\[1\]\['step'\] overlap in memory"),
+    ("param-inside-other-call", lambda ps, gs, sts: sts[1].__setitem__("sum", ps[0][:300]),
+     r"^params\[0\] and states\[1\]\['sum'\] overlap in memory"),
     ("states-length", lambda ps, gs, sts: sts.pop(), r"^params, grads and states have 2, 2 and 1 entries"),
     ("state-without-accumulator", lambda ps, gs, sts: sts[1].pop("sum"), r"^states\[1\] has neither 'sum'"),
 ]
@@ -274,15 +300,19 @@ def test_init_state_rejects_bad_maps(qmap, message):
         F.init_state(torch.randn(5000), optim_bits=8, qmap=qmap)
 
 
-def test_parameters_that_share_memory_are_rejected():
-    """Two parameters that are overlapping views of one buffer (a flat buffer split wrongly)."""
+@pytest.mark.parametrize("groups", [1, 2])
+def test_parameters_that_share_memory_are_rejected(groups):
+    """Two parameters that are overlapping views of one buffer (a flat buffer split wrongly), in
+    one group or in two (two op calls)."""
     base = torch.randn(20)
     a, b = torch.nn.Parameter(base[:12]), torch.nn.Parameter(base[6:18])
-    opt = A.Adagrad32bit([a, b])
+    opt = A.Adagrad32bit([a, b] if groups == 1 else [{"params": [a]}, {"params": [b], "lr": 0.5}])
     a.grad, b.grad = torch.randn(12), torch.randn(12)
     before = base.clone()
+    second = r"param_groups\[0\]\['params'\]\[1\]" if groups == 1 else r"param_groups\[1\]\['params'\]\[0\]"
     with pytest.raises(ValueError, match=r"^params\[0\] and params\[1\] overlap in memory; .*\(\[0\] is parameter "
-                                         r"param_groups\[0\]\['params'\]\[0\] \(shape \[12\]\); \[1\] is parameter "):
+                                         r"param_groups\[0\]\['params'\]\[0\] \(shape \[12\]\); \[1\] is parameter "
+                                         + second):
         opt.step()
     assert torch.equal(base, before) and len(opt.state) == 0
 

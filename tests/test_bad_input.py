@@ -308,3 +308,45 @@ def test_percentile_clip_with_any_step_value_records_in_range(step):
     others = torch.arange(100) != slot
     assert vecs[1][slot] == torch.linalg.vector_norm(grads[1]).square()
     assert torch.equal(vecs[1][others], before[others])
+
+
+def _overlap_args():
+    base = torch.randn(100)
+    return [base[:40], torch.randn(3)], [base[50:], base[60:70]]
+
+
+OVERLAPS_CASES = [  # (id, edit of (written, read), names, message)
+    ("written-read", lambda w, r: (w, r + [w[1][1:]]), [], "written[1] and read[2]" + " overlap in memory" + OVERLAP),
+    ("written-written", lambda w, r: ([w[0], w[0][39:]], r), [], "written[0] and written[1] overlap in memory" + OVERLAP),
+    ("named", lambda w, r: (w, [w[0][3:5]] + r), ["params[0]", "states[4]['step']", "grads[2]", "lr", "seed"],
+     "params[0] and grads[2] overlap in memory" + OVERLAP),
+    ("names-length", lambda w, r: (w, r), ["a", "b"],
+     "names has 2 entries but there are 4 tensors; give one name per tensor (written, then read) or none"),
+]
+
+
+@pytest.mark.parametrize("edit,names,message", [c[1:] for c in OVERLAPS_CASES], ids=[c[0] for c in OVERLAPS_CASES])
+def test_validate_overlaps_eager_and_fake_agree(edit, names, message):
+    """The overlap check over a whole step (functional.check_overlaps calls it): the C++ kernel
+    and, while tracing, the fake kernel raise the same text."""
+    written, read = edit(*_overlap_args())
+    op = torch.ops.adagrad8.validate.overlaps
+    with pytest.raises(ValueError) as eager:
+        op(written, read, names)
+    assert str(eager.value) == message
+    traced_graphs = []
+    with pytest.raises(Exception) as traced:
+        _compile_recording(lambda w, r: op(w, r, names), traced_graphs)(written, read)
+    assert message in list(exception_messages(traced.value)), str(traced.value)
+    assert not traced_graphs, "the fake kernel must raise while tracing"
+
+
+def test_validate_overlaps_accepts_shared_read_only_tensors():
+    written, read = _overlap_args()
+    torch.ops.adagrad8.validate.overlaps(written, read + [read[0]], [])  # no error
+
+
+def test_validate_overlaps_names_a_sparse_tensor():
+    written, read = _overlap_args()
+    with pytest.raises(ValueError, match=r"^read\[1\] is sparse; only dense tensors are supported$"):
+        torch.ops.adagrad8.validate.overlaps(written, [read[0], read[1].to_sparse()], [])

@@ -417,6 +417,50 @@ def test_default_map_is_shared_so_states_share_a_call(monkeypatch):
     assert calls == [4]
 
 
+def test_compiled_step_with_state_shared_across_calls_raises_the_eager_message():
+    """The overlap check over a whole step (functional.check_overlaps) runs in the fake kernel
+    while tracing: a step count shared by a 32-bit and an 8-bit parameter (two op calls) fails
+    with the eager message before the graph runs, so no step count is incremented."""
+    params = make_params()
+    opt = A.Adagrad8bit(params, lr=0.05, min_8bit_size=1000)
+    set_grads(params, 0)
+    opt.step()
+    opt.state[params[1]]["step"] = opt.state[params[0]]["step"]
+    assert (params[0].numel() >= 1000) != (params[1].numel() >= 1000)  # different state kinds: two calls
+    message = "states[0]['step'] and states[1]['step'] overlap in memory"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        opt.step()
+    eager = opt.state_dict()["state"]
+    before = copy.deepcopy(([p.detach() for p in params], eager))
+    with pytest.raises(Exception) as compiled:
+        torch.compile(opt.step, fullgraph=True)()
+    assert any(m.startswith(message) for m in exception_messages(compiled.value)), str(compiled.value)
+    assert all(torch.equal(p, b) for p, b in zip(params, before[0]))
+    after = opt.state_dict()["state"]
+    for i, state in before[1].items():
+        assert all(torch.equal(after[i][k], v) for k, v in state.items() if isinstance(v, torch.Tensor))
+
+
+def test_compiled_step_with_a_map_corrupted_in_place_writes_no_param_or_state():
+    """A limit by design (docs/reliability.md): tracing sees no map values, so a map written in
+    place after it entered the state is refused by the CPU kernel when the graph runs. Params,
+    codes, scales and the clipping history stay as they were; only the step count has moved."""
+    params = make_params()
+    opt = A.Adagrad8bit(params, lr=0.05, min_8bit_size=1000, percentile_clipping=90)
+    set_grads(params, 0)
+    opt.step()
+    step = torch.compile(opt.step, fullgraph=True)
+    step()
+    state = opt.state[params[0]]
+    state["qmap1"][3] = float("nan")
+    before = copy.deepcopy(([p.detach() for p in params], {k: v for k, v in state.items() if k != "qmap1"}))
+    with pytest.raises(ValueError, match=re.escape("qmap[3] is nan; map values must be finite, in [-1, 1] and sorted")):
+        step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before[0]))
+    for key, value in before[1].items():
+        assert torch.equal(state[key], value + (key == "step")), key
+
+
 def test_compiled_step_with_bad_state_raises_the_eager_message_and_writes_nothing():
     """Under fullgraph the ValueError reaches the caller through dynamo's error (in its chain), with
     the eager text, and nothing is written."""

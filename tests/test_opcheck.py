@@ -1,4 +1,4 @@
-"""torch.library.opcheck over a sample matrix of both overloads."""
+"""torch.library.opcheck over a sample matrix of every op."""
 
 from __future__ import annotations
 
@@ -44,3 +44,13 @@ def test_opcheck_percentile_clip(dtype, sizes, step, fresh, percentile):
     grads, vecs, steps = clip_args(dtype, sizes, step, fresh)
     torch.library.opcheck(torch.ops.adagrad8.percentile_clip.default, (grads, vecs, steps, percentile),
                           test_utils=UTILS)
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_opcheck_validate_overlaps(named):
+    """validate.overlaps over tensors that are allowed: disjoint written ones, read-only ones that
+    share memory, an empty tensor inside a written one."""
+    base = torch.randn(100)
+    written, read = [base[:40], torch.randn(3), base[40:40]], [base[50:], base[60:70], torch.randn(())]
+    names = [f"t{i}" for i in range(6)] if named else []
+    torch.library.opcheck(torch.ops.adagrad8.validate.overlaps, (written, read, names), test_utils=UTILS)

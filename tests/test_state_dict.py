@@ -281,7 +281,7 @@ BAD = {
     "more params in a group": "parameter group 1 has",
     "sum size": "'sum' has 8 elements",
     "state1 size": "'state1' has 4999 elements",
-    "qmap1 size": "'qmap1' has 255 values",
+    "qmap1 size": "qmap1 must be a floating-point tensor of 256 values, got float32 with 255 values",
     "missing absmax1": "no 'absmax1'",
     "missing qmap1": "no 'qmap1'",
     "missing step": "no 'step'",

@@ -285,6 +285,25 @@ def check_percentile_clip(grads, gnorm_vecs, steps, percentile, at=None) -> None
     overlaps.check()
 
 
+def check_overlaps(written, read, names) -> None:
+    """The overlap rule alone (`adagrad8::validate.overlaps`): no tensor in written may share
+    memory with another; names (written, then read, or empty) name them in the message."""
+    n = len(written) + len(read)
+    _check(not names or len(names) == n, lambda: f"names has {len(names)} entries but there are {n} tensors; "
+           "give one name per tensor (written, then read) or none")
+    tensors = list(written) + list(read)
+    for i, t in enumerate(tensors):
+        _sparse(names[i] if names else f"written[{i}]" if i < len(written) else f"read[{i - len(written)}]", t)
+    overlaps = Overlaps()  # written, then read
+    if not names:
+        overlaps.add("written", written, True)
+        overlaps.add("read", read, False)
+    else:
+        for i, t in enumerate(tensors):
+            overlaps.add(names[i], t, i < len(written), is_list=False)
+    overlaps.check()
+
+
 # ---- options shared by the optimizers and functional ----------------------------------------
 
 def is_number(v) -> bool:

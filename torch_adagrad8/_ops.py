@@ -30,6 +30,7 @@ STEP_QUANTIZED = "adagrad8::step.quantized"
 PERCENTILE_CLIP = "adagrad8::percentile_clip"
 VALIDATE = "adagrad8::validate"
 VALIDATE_QUANTIZED = "adagrad8::validate.quantized"
+VALIDATE_OVERLAPS = "adagrad8::validate.overlaps"
 
 
 @torch.library.register_fake(VALIDATE)
@@ -45,6 +46,11 @@ def _step_quantized_fake(params, grads, codes, absmax, qmap, steps, lr, lr_decay
                          gnorm_scales=None, skip_zeros=False, block_size=256, seeds=None):
     _checks.check_step_quantized(params, grads, codes, absmax, qmap, steps, lr, lr_decay, weight_decay, eps,
                                  gnorm_scales, block_size, seeds)
+
+
+@torch.library.register_fake(VALIDATE_OVERLAPS)
+def _overlaps_fake(written, read, names):
+    _checks.check_overlaps(written, read, names)
 
 
 @torch.library.register_fake(PERCENTILE_CLIP)

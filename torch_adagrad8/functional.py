@@ -89,6 +89,18 @@ def build_state(param: Tensor, optim_bits: int, init: float, block_size: int, qm
     return state
 
 
+# The tensors of a step, by OpCall.tensors key: how messages name them (by position in the
+# step's params and states) and whether the step writes them (the ops write params and state;
+# OpCall.run increments steps and records clipping histories).
+_TENSORS = {
+    "params": ("params[{}]", True), "state_sums": ("states[{}]['sum']", True),
+    "codes": ("states[{}]['state1']", True), "absmax": ("states[{}]['absmax1']", True),
+    "steps": ("states[{}]['step']", True), "gnorm_vecs": ("states[{}]['gnorm_vec']", True),
+    "grads": ("grads[{}]", False), "qmap": ("states[{}]['qmap1']", False), "seeds": ("states[{}]['seed']", False),
+    "lr": ("lr", False),
+}
+
+
 @dataclass
 class OpCall:
     """One checked op call of a step: params that share device, dtype, state kind and map."""
@@ -99,6 +111,8 @@ class OpCall:
     steps: list[Tensor]
     gnorm_vecs: Optional[list[Tensor]]
     percentile: int
+    members: list[int]  # positions in the step's params and states
+    tensors: dict[str, list[Tensor]]  # every tensor argument, by _TENSORS key (qmap and lr: one)
 
     def run(self) -> None:
         torch._foreach_add_(self.steps, 1)
@@ -123,6 +137,19 @@ def plan(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dic
          stochastic_rounding: bool = False) -> list[OpCall]:
     """The checked op calls of one step, one per (device, dtype, state kind, map); writes nothing.
     Messages name tensors by their positions in params, grads and states."""
+    calls = op_calls(params, grads, states, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
+                     maximize=maximize, percentile_clipping=percentile_clipping, skip_zeros=skip_zeros,
+                     block_size=block_size, stochastic_rounding=stochastic_rounding)
+    check_overlaps(calls)
+    return calls
+
+
+def op_calls(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], *, lr: float | Tensor,
+             lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10, maximize: bool = False,
+             percentile_clipping: int = 100, skip_zeros: bool = False, block_size: int = 256,
+             stochastic_rounding: bool = False) -> list[OpCall]:
+    """plan without the overlap check across calls (each call is checked on its own): for a
+    caller that steps several plans and checks them together (check_overlaps)."""
     if not torch.compiler.is_compiling():  # a float lr is a graph input there: no value to check
         _checks.check_lr(lr)
     for key, value in (("lr_decay", lr_decay), ("weight_decay", weight_decay), ("eps", eps), ("maximize", maximize),
@@ -160,6 +187,33 @@ def plan(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dic
                      skip_zeros, block_size, stochastic_rounding) for members in calls]
 
 
+def check_overlaps(calls: Sequence[OpCall], offsets: Optional[Sequence[int]] = None) -> None:
+    """The overlap rule over a whole step: no tensor a call writes, or that OpCall.run writes
+    (step counts, clipping histories), may share memory with any tensor of any call. Each call's
+    own check compares only its own arguments, and takes those two as read-only. Messages name
+    tensors by position (call i's members shifted by offsets[i]). Eagerly one unnamed C++ check;
+    names are built only to report a failure. While tracing, the fake kernel checks (Dynamo
+    cannot trace storage identity), so it gets the names."""
+    written: list[Tensor] = []
+    read: list[Tensor] = []
+    for call in calls:
+        for key, tensors in call.tensors.items():
+            (written if _TENSORS[key][1] else read).extend(tensors)
+    if not torch.compiler.is_compiling():
+        try:
+            torch.ops.adagrad8.validate.overlaps(written, read, [])
+            return
+        except ValueError:
+            pass
+    names: dict[bool, list[str]] = {True: [], False: []}
+    for c, call in enumerate(calls):
+        shift = offsets[c] if offsets is not None else 0
+        for key, tensors in call.tensors.items():
+            form, writes = _TENSORS[key]
+            names[writes].extend(form.format(call.members[j] + shift) for j in range(len(tensors)))
+    torch.ops.adagrad8.validate.overlaps(written, read, names[True] + names[False])
+
+
 def _op_call(params, grads, states, members, lr, lr_decay, weight_decay, eps, maximize, percentile_clipping,
              skip_zeros, block_size, stochastic_rounding) -> OpCall:
     ps = [params[i] for i in members]
@@ -178,13 +232,18 @@ def _op_call(params, grads, states, members, lr, lr_decay, weight_decay, eps, ma
         _validate(torch.ops.adagrad8.validate.quantized, _checks.check_step_quantized, members,
                   (ps, gs, codes, absmax, qmap, steps, hyper["lr"], hyper["lr_decay"], hyper["weight_decay"],
                    hyper["eps"]), dict(gnorm_scales=None, block_size=block_size, seeds=seeds))
+        tensors = dict(params=ps, codes=codes, absmax=absmax, steps=steps, gnorm_vecs=gnorm_vecs or [], grads=gs,
+                       qmap=[qmap], seeds=seeds or [], lr=[hyper["lr"]])
         return OpCall(_ops.step_quantized, (ps, gs, codes, absmax, qmap, steps),
-                      dict(hyper, block_size=block_size, seeds=seeds), gs, steps, gnorm_vecs, percentile_clipping)
+                      dict(hyper, block_size=block_size, seeds=seeds), gs, steps, gnorm_vecs, percentile_clipping,
+                      members, tensors)
     sums = [s["sum"] for s in sts]
     _validate(torch.ops.adagrad8.validate.default, _checks.check_step, members,
               (ps, gs, sums, steps, hyper["lr"], hyper["lr_decay"], hyper["weight_decay"], hyper["eps"]),
               dict(gnorm_scales=None))
-    return OpCall(_ops.step, (ps, gs, sums, steps), hyper, gs, steps, gnorm_vecs, percentile_clipping)
+    tensors = dict(params=ps, state_sums=sums, steps=steps, gnorm_vecs=gnorm_vecs or [], grads=gs, lr=[hyper["lr"]])
+    return OpCall(_ops.step, (ps, gs, sums, steps), hyper, gs, steps, gnorm_vecs, percentile_clipping, members,
+                  tensors)
 
 
 def _validate(op, python_check, members: list[int], args: tuple, kwargs: dict) -> None:

@@ -337,6 +337,7 @@ class Adagrad(torch.optim.Optimizer):
 
         # Everything is checked before anything is written: arguments of every call first.
         prepared = [self._prepare_call(members) for members in calls.values()]
+        self._check_overlaps(prepared)
         for p, extra in additions.items():
             self.state[p].update(extra)
         for call in prepared:
@@ -352,16 +353,34 @@ class Adagrad(torch.optim.Optimizer):
         config = members[0][2]
         params = [_writable(p) for p, _, _, _ in members]
         try:
-            calls = F.plan(params, [_real(p.grad).contiguous() for p, _, _, _ in members],
-                           [s for _, s, _, _ in members], lr=config["lr"], lr_decay=config["lr_decay"],
-                           weight_decay=config["weight_decay"], eps=config["eps"], maximize=config["maximize"],
-                           percentile_clipping=config["percentile_clipping"], skip_zeros=config["skip_zeros"],
-                           block_size=self._block(config), stochastic_rounding=config["stochastic_rounding"])
-        except ValueError as e:  # plan names tensors by their positions in this call's lists: name the parameters
-            positions = sorted({int(i) for i in _LIST_INDEX.findall(str(e)) if int(i) < len(members)})
-            legend = "; ".join(f"[{i}] is {self._name(*members[i][3])}" for i in positions)
-            raise ValueError(f"{e} ({legend})" if legend else str(e)) from None
+            calls = F.op_calls(params, [_real(p.grad).contiguous() for p, _, _, _ in members],
+                               [s for _, s, _, _ in members], lr=config["lr"], lr_decay=config["lr_decay"],
+                               weight_decay=config["weight_decay"], eps=config["eps"], maximize=config["maximize"],
+                               percentile_clipping=config["percentile_clipping"], skip_zeros=config["skip_zeros"],
+                               block_size=self._block(config), stochastic_rounding=config["stochastic_rounding"])
+        except ValueError as e:
+            raise self._named(e, members) from None
         return members, params, calls
+
+    def _check_overlaps(self, prepared: list) -> None:
+        """No parameter or state tensor of the step may share memory with another tensor of it,
+        across every call of every group (functional.check_overlaps)."""
+        everyone, calls, offsets = [], [], []
+        for members, _, member_calls in prepared:
+            calls += member_calls
+            offsets += [len(everyone)] * len(member_calls)
+            everyone += members
+        try:
+            F.check_overlaps(calls, offsets)
+        except ValueError as e:
+            raise self._named(e, everyone) from None
+
+    def _named(self, e: ValueError, members: list) -> ValueError:
+        """e, whose message names tensors by their positions in members, with a legend naming the
+        parameters behind them."""
+        positions = sorted({int(i) for i in _LIST_INDEX.findall(str(e)) if int(i) < len(members)})
+        legend = "; ".join(f"[{i}] is {self._name(*members[i][3])}" for i in positions)
+        return ValueError(f"{e} ({legend})" if legend else str(e))
 
     @staticmethod
     def _run_calls(members: list, params: list, calls: list) -> None:
