@@ -107,6 +107,25 @@ def test_save_load_continue_is_bit_identical(case):
         assert {k: v for k, v in g1.items() if k != "params"} == {k: v for k, v in g2.items() if k != "params"}
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_loaded_state_does_not_share_memory_with_the_state_dict(case):
+    """Stepping after load_state_dict never writes into the dict it was loaded from (one saved
+    state dict can start several runs)."""
+    cls, kw, reload_kw, dtype = CASES[case]
+    params = make_params(dtype=dtype)
+    opt = cls(groups(params), lr=0.01, **kw)
+    train(opt, params, range(3))
+    sd = opt.state_dict()
+    saved = copy.deepcopy(sd)
+    params2 = fresh_copy(params)
+    opt2 = cls(groups(params2), lr=0.01, **{**kw, **reload_kw})
+    opt2.load_state_dict(sd)
+    train(opt2, params2, range(3, 5))
+    for i, state in saved["state"].items():
+        for key, value in state.items():
+            assert torch.equal(sd["state"][i][key], value), (i, key)
+
+
 def test_state_dict_is_plain_tensors_and_numbers():
     params = make_params()
     opt = A.Adagrad8bit(params, percentile_clipping=50, stochastic_rounding=True)

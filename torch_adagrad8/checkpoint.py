@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from torch_adagrad8 import _checks, qmap as Q
+from torch_adagrad8 import _checks, qmap as Q, sharded
 
 if TYPE_CHECKING:
     from torch_adagrad8.optimizer import Adagrad
@@ -142,34 +142,37 @@ def _check_param_state(name: str, state: Any, p: Tensor, group: dict) -> None:
 
 
 def _converted(opt: "Adagrad", name: str, state: dict, p: Tensor, config: dict, saved_group: dict) -> dict:
-    """The loaded state of p in this optimizer's format and kind, on p's device."""
+    """The loaded state of p in this optimizer's format and kind, on p's device: tensors of its
+    own (stepping must never write into the state dict it was loaded from)."""
     s = _flat(state)
+    eight_bit = opt._eight_bit(config, p)  # by the whole parameter's size, also for a shard of it
+    loaded_codes = "state1" in s and s["state1"].dtype == torch.uint8
+    source_block = saved_block(name, s["absmax1"].numel(), real(p).numel(), saved_group) if loaded_codes else 0
+    if sharded.is_sharded(p):  # from here on: the rank's shard, its accumulator as float values
+        s, p, loaded_codes = sharded.local_state(s, p, source_block), sharded.local(p), False
     dev = p.device
     step = s["step"]
     new: dict = {"step": (step if isinstance(step, Tensor) else torch.tensor(float(step))).to(dev, torch.float32)
-                 .reshape(())}
-    eight_bit = opt._eight_bit(config, p)
+                 .reshape(()).clone()}
     block = opt._block(config)
-    loaded_codes = "state1" in s and s["state1"].dtype == torch.uint8
-    source_block = saved_block(name, s["absmax1"].numel(), real(p).numel(), saved_group) if loaded_codes else 0
     if eight_bit and loaded_codes and source_block == block:
         # same layout: keep the codes, scales and map bit for bit
         qmap = opt._keep_map(s["qmap1"].to(dev, torch.float32).contiguous())
-        new["state1"] = s["state1"].to(dev).reshape(real(p).shape).contiguous()
-        new["absmax1"] = s["absmax1"].to(dev, torch.float32).contiguous()
+        new["state1"] = s["state1"].to(dev).reshape(real(p).shape).clone(memory_format=torch.contiguous_format)
+        new["absmax1"] = s["absmax1"].to(dev, torch.float32).clone(memory_format=torch.contiguous_format)
         new["qmap1"] = qmap
     elif eight_bit:
         qmap = opt._map_on(config, dev)
         codes, absmax = Q.quantize(real(accumulator(s, p, source_block).to(dev)), qmap, block)
         new["state1"], new["absmax1"], new["qmap1"] = codes, absmax, qmap
     else:
-        new["sum"] = real(accumulator(s, p, source_block).to(dev)).contiguous()
+        new["sum"] = real(accumulator(s, p, source_block).to(dev)).clone(memory_format=torch.contiguous_format)
     # a missing clipping history or seed is made by the next step (the history then starts over)
     vec, seed = s.get("gnorm_vec"), s.get("seed")
     if config["percentile_clipping"] < 100 and vec is not None and vec.numel() == 100:
         new["gnorm_vec"] = vec.to(dev, torch.float32).clone()
     if config["stochastic_rounding"] and seed is not None:
-        new["seed"] = seed.to(dev, torch.int64).reshape(())
+        new["seed"] = seed.to(dev, torch.int64).reshape(()).clone()
     return new
 
 
@@ -220,6 +223,17 @@ def load_state_dict(opt: "Adagrad", state_dict: dict) -> None:
         group.update(merged)
     opt.state.clear()
     opt.state.update(new_state)
+
+
+def unsharded_state_dict(opt: "Adagrad", state_dict: dict) -> dict:
+    """state_dict (torch's packing of opt's state) with the state of every sharded parameter
+    replaced by one unsharded optimizer's (sharded.global_state; the others are left as they are)."""
+    for gi, (group, packed) in enumerate(zip(opt.param_groups, state_dict["param_groups"])):
+        for pi, (p, index) in enumerate(zip(group["params"], packed["params"])):
+            if sharded.is_sharded(p) and opt.state.get(p):
+                block = opt._block(opt.config_of(group, p))
+                state_dict["state"][index] = sharded.global_state(opt.state[p], p, block, opt._name(gi, pi))
+    return state_dict
 
 
 def torch_state_dict(opt: "Adagrad") -> dict:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from torch_adagrad8 import _checks, checkpoint, functional as F, qmap as Q
+from torch_adagrad8 import _checks, checkpoint, functional as F, qmap as Q, sharded
 from torch_adagrad8.checkpoint import real as _real
 from torch_adagrad8.manager import GlobalOptimManager
 
@@ -198,14 +198,14 @@ class Adagrad(torch.optim.Optimizer):
             if t.device == qmap.device and torch.equal(t, qmap):
                 return t
         key = ("loaded", len(maps), qmap.device)
-        maps[key] = qmap
+        maps[key] = qmap = qmap.clone()  # not the state dict's tensor
         return qmap
 
     def _new_state(self, p: Tensor, config: dict, index: int) -> dict:
         """The state a parameter starts with (complex parameters: as real pairs, both parts
         starting at initial_accumulator_value, like torch)."""
         eight_bit = self._eight_bit(config, p)
-        state = F.build_state(_real(p), 8 if eight_bit else 32, float(config["initial_accumulator_value"]),
+        state = F.build_state(_real(sharded.local(p)), 8 if eight_bit else 32, float(config["initial_accumulator_value"]),
                               self._block(config), self._map_on(config, p.device) if eight_bit else None, 100, None)
         return {**state, **self._missing_state(p, state, config, index)}
 
@@ -225,6 +225,12 @@ class Adagrad(torch.optim.Optimizer):
         return torch.tensor(self.seed * 1_000_003 + index, dtype=torch.int64, device=device)
 
     # ---- state dicts ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """torch.optim.Optimizer.state_dict; the state of sharded (DTensor) parameters is given as
+        one unsharded optimizer's, with DTensors where it is sharded (torch_adagrad8.sharded). That
+        is a collective for 8-bit state: call it on every rank, as torch.distributed.checkpoint does."""
+        return checkpoint.unsharded_state_dict(self, super().state_dict())
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads our own format, bitsandbytes' (0.45 flat, 0.49+ nested) or torch.optim.Adagrad's.
@@ -277,6 +283,9 @@ class Adagrad(torch.optim.Optimizer):
                 if p.dtype not in _PARAM_DTYPES:
                     self._check_dtype(gi, pi)
                 config = self.config_of(group, p) if overrides else group
+                if config["percentile_clipping"] < 100 and sharded.is_sharded(p):
+                    raise ValueError(f"{self._name(gi, pi)} is sharded (a DTensor); percentile_clipping needs whole "
+                                     "gradient norms, which a shard does not have: use percentile_clipping=100")
                 state = self.state.get(p)
                 if state and "state1" in state:
                     self._check_state_fits(gi, pi, config)
@@ -289,7 +298,8 @@ class Adagrad(torch.optim.Optimizer):
         state = self.state.get(p)
         if not state:
             return
-        if "state1" in state and state["absmax1"].numel() != Q.scale_count(_real(p).numel(), self._block(config)):
+        if "state1" in state and state["absmax1"].numel() != Q.scale_count(_real(sharded.local(p)).numel(),
+                                                                          self._block(config)):
             raise ValueError(f"{self._name(gi, pi)}: its 8-bit state has {state['absmax1'].numel()} scales, which "
                              f"block_wise={config['block_wise']}, block_size={config['block_size']} does not give")
 
@@ -351,9 +361,9 @@ class Adagrad(torch.optim.Optimizer):
         A complex or non-contiguous parameter steps through a contiguous real copy that is copied
         back afterwards (a view of it would not survive torch.compile's functionalization)."""
         config = members[0][2]
-        params = [_writable(p) for p, _, _, _ in members]
+        params = [_writable(sharded.local(p)) for p, _, _, _ in members]
         try:
-            calls = F.op_calls(params, [_real(p.grad).contiguous() for p, _, _, _ in members],
+            calls = F.op_calls(params, [_real(sharded.local(p.grad)).contiguous() for p, _, _, _ in members],
                                [s for _, s, _, _ in members], lr=config["lr"], lr_decay=config["lr_decay"],
                                weight_decay=config["weight_decay"], eps=config["eps"], maximize=config["maximize"],
                                percentile_clipping=config["percentile_clipping"], skip_zeros=config["skip_zeros"],
@@ -387,6 +397,7 @@ class Adagrad(torch.optim.Optimizer):
         for call in calls:
             call.run()
         for (p, _, _, _), work in zip(members, params):
+            p = sharded.local(p)
             if work is not p:  # a copy: write the result back
                 p.copy_(torch.view_as_complex(work) if p.is_complex() else work)
 
