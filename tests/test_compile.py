@@ -434,7 +434,9 @@ def test_compiled_step_with_state_shared_across_calls_raises_the_eager_message()
     before = copy.deepcopy(([p.detach() for p in params], eager))
     with pytest.raises(Exception) as compiled:
         torch.compile(opt.step, fullgraph=True)()
-    assert any(message in m for m in exception_messages(compiled.value)), str(compiled.value)
+    # torch 2.14 quotes the fake kernel's ValueError inside a repr of its own error (its quotes escaped)
+    assert any(text in m for m in exception_messages(compiled.value) for text in (message, message.replace("'", "\\'"))), \
+        str(compiled.value)
     assert all(torch.equal(p, b) for p, b in zip(params, before[0]))
     after = opt.state_dict()["state"]
     for i, state in before[1].items():
