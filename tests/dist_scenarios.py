@@ -81,23 +81,35 @@ def reference_grads(model, step: int, world: int) -> list[torch.Tensor]:
     return [sum(gs[1:], gs[0]) / world if world > 1 else gs[0] for gs in zip(*parts)]
 
 
-def reference_run(bits: int, world: int, steps: range, start: dict | None = None):
+def reference_run(bits: int, world: int, steps: range, start: dict | None = None, shard_side: bool = False):
     """One process: the model (from start's parameters and optimizer state, if given) stepped
-    with `world` ranks' gradients over `steps`."""
+    with `world` ranks' gradients over `steps`. shard_side: side.weight steps as FSDP2's row
+    shards would, one separate tensor per shard (8-bit state whatever their size, as the whole
+    weight has), which is what sharded ranks do."""
     torch.set_num_threads(1)
     model = make_model()
-    opt = make_optimizer(model.parameters(), bits)
+    params = list(model.parameters())
+    pieces = [torch.nn.Parameter(rows.clone()) for rows in model.side.weight.detach().chunk(world)] if shard_side \
+        else []
+    groups = [{"params": [p for p in params if not (pieces and p is model.side.weight)]}]
+    opt = make_optimizer(groups + ([{"params": pieces, "min_8bit_size": 1}] if pieces else []), bits)
     if start is not None:
         with torch.no_grad():
-            for p, v in zip(model.parameters(), start["params"]):
+            for p, v in zip(params, start["params"]):
                 p.copy_(v)
         # an 8-bit start loads into 32-bit state as its dequantized accumulator
         opt.load_state_dict({**start["optim"], "param_groups": [{**g, "optim_bits": bits}
                                                                 for g in start["optim"]["param_groups"]]})
     for step in steps:
-        for p, g in zip(model.parameters(), reference_grads(model, step, world)):
+        grads = reference_grads(model, step, world)
+        for p, g in zip(params, grads):
             p.grad = g
+        for piece, g in zip(pieces, grads[SIDE].chunk(world)):
+            piece.grad = g.clone()
         opt.step()
+        if pieces:
+            with torch.no_grad():
+                model.side.weight.copy_(torch.cat(pieces))
     return model, opt
 
 
@@ -161,6 +173,8 @@ def fsdp(rank, world, out: Path):
         opt = make_optimizer(model.parameters(), bits)
         opt.load_state_dict(plain.state_dict())
         results[f"plain-load-{bits}"] = full_state(opt)
+        results[f"plain-load-side-{bits}"] = {k: v.clone() for k, v in opt.state[model.side.weight].items()}
+        results[f"torch-{bits}"] = [full(s["sum"]) for s in opt.torch_state_dict()["state"].values()]
     results["errors"] = _errors()
     torch.save(results, out / f"fsdp-{rank}.pt")
 
@@ -185,23 +199,39 @@ def _errors() -> list[str]:
         opt.state_dict()
     except ValueError as e:
         messages.append(str(e))
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+    replica = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6000), mesh, [Replicate()]))
+    replica.grad = DTensor.from_local(torch.ones(4, 6000), mesh, [Partial()])  # not yet summed over ranks
+    try:
+        A.Adagrad8bit([replica]).step()
+    except ValueError as e:
+        messages.append(str(e))
+    waves = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6000, dtype=torch.complex64), mesh, [Shard(0)]))
+    waves.grad = distribute_tensor(torch.ones(4, 6000, dtype=torch.complex64), mesh, [Shard(0)])
+    opt = A.Adagrad32bit([waves])
+    opt.step()
+    try:
+        opt.state_dict()
+    except ValueError as e:
+        messages.append(str(e))
     return messages
 
 
 def _save(model, opt, where: Path):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(where))
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=str(where))
 
 
 def _load(model, opt, where: Path):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    msd, osd = get_state_dict(model, opt)
-    sd = {"model": msd, "optim": osd}
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     dcp.load(sd, checkpoint_id=str(where))
-    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
 
 
 def checkpoint(rank, world, out: Path):

@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 import dist_scenarios as S
+from torch_adagrad8 import qmap as Q
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -106,6 +107,14 @@ def test_fsdp2_matches_one_process(fsdp, bits):
         _assert_close_to_unsharded(rank[bits]["params"], bits)
 
 
+def test_fsdp2_8bit_steps_each_shard_as_a_tensor_of_its_own(fsdp):
+    """Exactly: every parameter equals one process in which side.weight's two row shards (4 and
+    3 rows) are two parameters, so each has its own blocks."""
+    model, _ = S.reference_run(8, WORLD, range(S.STEPS), shard_side=True)
+    for rank in fsdp:
+        assert _equal(rank[8]["params"], [p.detach() for p in model.parameters()])
+
+
 @pytest.mark.parametrize("bits", [32, 8])
 def test_fsdp2_each_rank_keeps_the_state_of_its_shard(fsdp, bits):
     """State bytes per rank are about half of one process's: shards of 4 and 3 rows of a 7-row
@@ -140,6 +149,25 @@ def test_fsdp2_loads_a_whole_state_dict(fsdp, bits):
             for state in (got, expected):
                 state["state"][S.SIDE] = {k: v for k, v in state["state"][S.SIDE].items() if k in ("step", "qmap1")}
         _assert_same_state(got, expected)
+    if bits == 8:  # side.weight: each rank's rows of the saved accumulator, quantized in the rank's blocks
+        saved = opt.state[list(opt.param_groups[0]["params"])[S.SIDE]]
+        values = Q.dequantize(saved["state1"], saved["absmax1"], saved["qmap1"]).reshape(7, 300)
+        for rows, rank in zip(values.chunk(WORLD), fsdp):
+            codes, scales = Q.quantize(rows.contiguous(), saved["qmap1"])
+            assert torch.equal(rank["plain-load-side-8"]["state1"], codes)
+            assert torch.equal(rank["plain-load-side-8"]["absmax1"], scales)
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_fsdp2_torch_state_dict_is_one_processs(fsdp, bits):
+    """torch_state_dict() of the shards (loaded from one process's state dict): DTensor
+    accumulators whose whole value is that process's torch_state_dict() (8-bit: but side.weight,
+    requantized in the shards' blocks)."""
+    _, opt = S.reference_run(bits, WORLD, range(S.STEPS))
+    expected = [s["sum"] for s in opt.torch_state_dict()["state"].values()]
+    for rank in fsdp:
+        got = rank[f"torch-{bits}"]
+        assert _equal(got, expected) if bits == 32 else _equal(_body(got), _body(expected))
 
 
 def test_fsdp2_unsupported_cases_raise_clear_errors(fsdp):
@@ -150,6 +178,10 @@ def test_fsdp2_unsupported_cases_raise_clear_errors(fsdp):
             "parameter param_groups[0]['params'][0] (shape [4, 6000]) is a DTensor with placements (Shard(dim=1),); "
             "torch_adagrad8 converts the state of parameters sharded on dim 0 over one mesh dimension (FSDP2's "
             "layout) only",
+            "parameter param_groups[0]['params'][0] (shape [4, 6000]) is a DTensor placed (Replicate(),) but its "
+            "gradient is placed (Partial(sum),); the step needs the gradient of its own shard",
+            "parameter param_groups[0]['params'][0] (shape [4, 6000]) is a complex DTensor; torch_adagrad8 steps it, "
+            "but cannot convert its state to or from a state dict",
         ]
 
 
@@ -177,6 +209,10 @@ def test_checkpoint_resumes_at_any_world_size(checkpoints, bits, saved, loaded):
     assert _equal(result["loaded"]["params"], start["params"])
     if bits == 32 or loaded == 1:
         _assert_same_state(result["loaded"]["optim"], start["optim"])
+    else:  # all but side.weight's codes and scales, which two shards requantize in their own blocks
+        side = {k: v for k, v in start["optim"]["state"][S.SIDE].items() if k not in ("state1", "absmax1")}
+        _assert_same_state({"state": {**result["loaded"]["optim"]["state"], S.SIDE: side}},
+                           {"state": {**start["optim"]["state"], S.SIDE: side}})
     _assert_close_to_unsharded(result["params"], bits, range(S.STEPS, 2 * S.STEPS), start, world=loaded)
     if saved == loaded:  # the run that never stopped
         uninterrupted = checkpoints[f"saved-{saved}-{bits}"]["params"]

@@ -126,6 +126,20 @@ def test_loaded_state_does_not_share_memory_with_the_state_dict(case):
             assert torch.equal(sd["state"][i][key], value), (i, key)
 
 
+def test_state_dict_maps_are_copies():
+    """A map is shared by every 8-bit state and cached by name; torch.distributed.checkpoint loads
+    into a state dict's tensors in place, so state_dict() hands out copies of maps."""
+    params = make_params()
+    opt = A.Adagrad8bit(params, min_8bit_size=1000)
+    train(opt, params, range(1))
+    maps = [s["qmap1"] for s in opt.state.values() if "qmap1" in s]
+    before = maps[0].clone()
+    for state in opt.state_dict()["state"].values():
+        if "qmap1" in state:
+            state["qmap1"].fill_(0.5)
+    assert all(torch.equal(m, before) for m in maps)
+
+
 def test_state_dict_is_plain_tensors_and_numbers():
     params = make_params()
     opt = A.Adagrad8bit(params, percentile_clipping=50, stochastic_rounding=True)

@@ -227,12 +227,20 @@ def load_state_dict(opt: "Adagrad", state_dict: dict) -> None:
 
 def unsharded_state_dict(opt: "Adagrad", state_dict: dict) -> dict:
     """state_dict (torch's packing of opt's state) with the state of every sharded parameter
-    replaced by one unsharded optimizer's (sharded.global_state; the others are left as they are)."""
+    replaced by one unsharded optimizer's (sharded.global_state), and every map a copy: a map is
+    shared by many states and cached by its name, and torch.distributed.checkpoint loads into a
+    state dict's tensors in place."""
     for gi, (group, packed) in enumerate(zip(opt.param_groups, state_dict["param_groups"])):
         for pi, (p, index) in enumerate(zip(group["params"], packed["params"])):
-            if sharded.is_sharded(p) and opt.state.get(p):
+            state = opt.state.get(p)
+            if not state:
+                continue
+            if sharded.is_sharded(p):
                 block = opt._block(opt.config_of(group, p))
-                state_dict["state"][index] = sharded.global_state(opt.state[p], p, block, opt._name(gi, pi))
+                state = sharded.global_state(state, p, block, opt._name(gi, pi))
+            if "qmap1" in state:
+                state = {**state, "qmap1": state["qmap1"].clone()}
+            state_dict["state"][index] = state
     return state_dict
 
 
@@ -254,5 +262,8 @@ def torch_state_dict(opt: "Adagrad") -> dict:
             if opt.state.get(p):
                 s = opt.state[p]
                 block = opt._block(opt.config_of(group, p))
-                state[index_of[p]] = {"step": s["step"].detach().clone(), "sum": accumulator(s, p, block).clone()}
+                local = sharded.local(p)
+                acc = accumulator(s, local, block).clone()
+                state[index_of[p]] = {"step": s["step"].detach().clone(),
+                                      "sum": sharded.like_param(acc, p) if local is not p else acc}
     return {"state": state, "param_groups": groups}

@@ -105,6 +105,11 @@ class Adagrad(torch.optim.Optimizer):
         self._maps: dict = {}  # (named map's builder or tensor id, device) -> the map tensor its states share
         self._map_sources: list = []  # custom map tensors, kept alive so that their ids stay keys
         super().__init__(params, defaults)
+        # state_dict(): the state of sharded (DTensor) parameters as one unsharded optimizer's, with
+        # DTensors where it is sharded (torch_adagrad8.sharded; a collective for 8-bit state: every
+        # rank calls it, as torch.distributed.checkpoint does), and maps copied. First, so that the
+        # user's hooks see that form.
+        self.register_state_dict_post_hook(checkpoint.unsharded_state_dict, prepend=True)
 
     # An LR scheduler reads optimizer._opt_called to warn when it is stepped before the optimizer.
     # Its wrapper of step() that sets it is bypassed by a step compiled before the scheduler was
@@ -226,12 +231,6 @@ class Adagrad(torch.optim.Optimizer):
 
     # ---- state dicts ---------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        """torch.optim.Optimizer.state_dict; the state of sharded (DTensor) parameters is given as
-        one unsharded optimizer's, with DTensors where it is sharded (torch_adagrad8.sharded). That
-        is a collective for 8-bit state: call it on every rank, as torch.distributed.checkpoint does."""
-        return checkpoint.unsharded_state_dict(self, super().state_dict())
-
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads our own format, bitsandbytes' (0.45 flat, 0.49+ nested) or torch.optim.Adagrad's.
 
@@ -283,14 +282,23 @@ class Adagrad(torch.optim.Optimizer):
                 if p.dtype not in _PARAM_DTYPES:
                     self._check_dtype(gi, pi)
                 config = self.config_of(group, p) if overrides else group
-                if config["percentile_clipping"] < 100 and sharded.is_sharded(p):
-                    raise ValueError(f"{self._name(gi, pi)} is sharded (a DTensor); percentile_clipping needs whole "
-                                     "gradient norms, which a shard does not have: use percentile_clipping=100")
+                if sharded.is_sharded(p):
+                    self._check_sharded(gi, pi, config)
                 state = self.state.get(p)
                 if state and "state1" in state:
                     self._check_state_fits(gi, pi, config)
                 todo.append((gi, pi, group, p, config, index - 1))
         return todo
+
+    def _check_sharded(self, gi: int, pi: int, config: dict) -> None:
+        """What stepping a DTensor parameter's local shard needs."""
+        p = self.param_groups[gi]["params"][pi]
+        if tuple(p.grad.placements) != tuple(p.placements):
+            raise ValueError(f"{self._name(gi, pi)} is a DTensor placed {tuple(p.placements)} but its gradient is placed "
+                             f"{tuple(p.grad.placements)}; the step needs the gradient of its own shard")
+        if config["percentile_clipping"] < 100:
+            raise ValueError(f"{self._name(gi, pi)} is sharded (a DTensor); percentile_clipping needs whole "
+                             "gradient norms, which a shard does not have: use percentile_clipping=100")
 
     def _check_state_fits(self, gi: int, pi: int, config: dict) -> None:
         """A config changed after the state was made must not ask for what the state lacks."""

@@ -43,6 +43,9 @@ def local(t: Tensor) -> Tensor:
 def _flat_range(p: Tensor, name: str) -> tuple[int, int, Optional[int]]:
     """(first flat index, element count) of p's local shard in the flattened parameter, and the
     mesh dimension it is sharded over (None: replicated)."""
+    if p.is_complex():  # its state is real pairs: another element count than the parameter's
+        raise ValueError(f"{name} is a complex DTensor; torch_adagrad8 steps it, but cannot convert its state "
+                         "to or from a state dict")
     shard_dim = None
     for mesh_dim, placement in enumerate(p.placements):
         if type(placement) is Shard and placement.dim == 0 and shard_dim is None:  # not FSDP2+TP's _StridedShard
@@ -60,7 +63,9 @@ def _flat_range(p: Tensor, name: str) -> tuple[int, int, Optional[int]]:
     return (offset[0] * row if len(offset) else 0), count, shard_dim
 
 
-def _like_param(local_tensor: Tensor, p: Tensor) -> Tensor:
+def like_param(local_tensor: Tensor, p: Tensor) -> Tensor:
+    """A DTensor of p's shape and placement whose local part (p's shard) is local_tensor."""
+    _flat_range(p, "a sharded parameter")
     return DTensor.from_local(local_tensor.reshape(local(p).shape), p.device_mesh, p.placements, run_check=False,
                               shape=p.shape, stride=p.stride())
 
@@ -71,7 +76,7 @@ def global_state(state: dict, p: Tensor, block: int, name: str) -> dict:
     start, count, shard_dim = _flat_range(p, name)
     out = {k: v for k, v in state.items() if k not in ("sum", "state1", "absmax1")}
     if "sum" in state:
-        out["sum"] = _like_param(state["sum"], p)
+        out["sum"] = like_param(state["sum"], p)
         return out
     values = Q.dequantize(state["state1"], state["absmax1"], state["qmap1"], block).reshape(-1)
     size = block if block > 0 else max(p.numel(), 1)
@@ -81,7 +86,7 @@ def global_state(state: dict, p: Tensor, block: int, name: str) -> dict:
     if shard_dim is not None:  # blocks that two shards split take the larger scale
         torch.distributed.all_reduce(scales, torch.distributed.ReduceOp.MAX, group=p.device_mesh.get_group(shard_dim))
     codes = Q.nearest_codes(Q.normalize(values, scales[owner]), state["qmap1"])
-    out["state1"], out["absmax1"] = _like_param(codes, p), scales
+    out["state1"], out["absmax1"] = like_param(codes, p), scales
     return out
 
 
