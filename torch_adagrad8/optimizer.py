@@ -27,8 +27,13 @@ from torch_adagrad8.manager import GlobalOptimManager
 # Config that bitsandbytes reads from `args` (they override the keyword arguments).
 ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "max_unorm", "skip_zeros")
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.complex64)
-# A position in one of the lists of functional.plan's messages ("params[2]", "states[0]", ...).
-_LIST_INDEX = re.compile(r"\b(?:params|grads|states|state_sums|codes|absmax|steps|gnorm_scales|seeds|gnorm_vecs)\[(\d+)\]")
+# A position in one of the lists of functional.plan's messages ("params[2]", "states[0]", ...):
+# the ops' list arguments (read from their schemas) and plan's own `states`. Not qmap: qmap[40]
+# is a map entry.
+_LISTS = sorted({arg.name for op in (torch.ops.adagrad8.step.default, torch.ops.adagrad8.step.quantized,
+                                     torch.ops.adagrad8.percentile_clip.default)
+                 for arg in op._schema.arguments if "List[Tensor]" in str(arg.type)} | {"states"})  # also Optional
+_LIST_INDEX = re.compile(rf"\b(?:{'|'.join(_LISTS)})\[(\d+)\]")
 
 
 def validate_config(config: dict) -> None:
