@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 import dist_scenarios as S
+from test_state_dict import _state_equal
 from torch_adagrad8 import qmap as Q
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -52,10 +53,7 @@ def _max_diff(a: list, b: list) -> float:
 def _assert_same_state(a: dict, b: dict) -> None:
     assert a["state"].keys() == b["state"].keys()
     for i in a["state"]:
-        sa, sb = a["state"][i], b["state"][i]
-        assert sa.keys() == sb.keys(), i
-        for k in sa:
-            assert torch.equal(sa[k], sb[k]), (i, k)
+        _state_equal(a["state"][i], b["state"][i])
 
 
 @pytest.fixture(scope="module")
