@@ -110,6 +110,13 @@ def make_case(
     return Case(kind, args, kwargs)
 
 
+def offset_copies(tensors, offset: int, device="cpu"):
+    """Copies of tensors on device, each starting `offset` elements into a larger buffer (so its
+    address is off any vector size that offset * element size is not a multiple of)."""
+    return [torch.empty(t.numel() + offset, dtype=t.dtype, device=device)[offset:].view(t.shape).copy_(t)
+            for t in tensors]
+
+
 def reference_impl(kind):
     from torch_adagrad8 import reference
 

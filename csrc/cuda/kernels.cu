@@ -8,6 +8,11 @@
 // work of a batch is cut into units (a chunk of elements, or a few whole scale blocks); each
 // CUDA block takes units in a grid-stride loop and finds the unit's tensor in Batch::start.
 // All indices are int64.
+//
+// Memory access: each thread owns chunks of kVec consecutive elements, lane-major, and moves a
+// chunk with one vector access per tensor (16 bytes of fp32, 8 of fp16/bf16, 4 codes in one
+// 32-bit word) when the chunk is whole and its addresses are aligned; otherwise element by
+// element. Which path runs changes no result: the math per element is the same.
 #include "cuda/kernels.cuh"
 
 #include <cuda_bf16.h>
@@ -29,6 +34,8 @@ constexpr int kMaxTensors = 32;
 constexpr int64_t kMaxGrid = 65536;
 constexpr int64_t kFp32Chunk = 8 * kThreads;  // elements per unit of fp32_kernel
 constexpr int64_t kBigChunk = 16 * kThreads;  // elements per unit of the large-block kernels
+constexpr int kVec = 4;                       // consecutive elements per thread per access
+static_assert(kFp32Chunk % kVec == 0 && kBigChunk % kVec == 0, "units must start on a chunk");
 
 // Up to kMaxTensors tensors; tensor k owns units [start[k], start[k + 1]).
 template <typename Tensor>
@@ -61,6 +68,69 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// kVec elements of T, aligned so that one load or store moves them all.
+template <typename T>
+struct alignas(sizeof(T) * kVec) Vec {
+  T v[kVec];
+};
+
+// Whether p, and p + i for every i that is a multiple of kVec, can be accessed as Vec<T>.
+template <typename T>
+__device__ __forceinline__ bool vec_aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % sizeof(Vec<T>) == 0;
+}
+
+// Elements [i, i + n) of p (n <= kVec): one vector load when `whole` (n == kVec, aligned),
+// else one load per element. Lanes from n on are zero and never stored.
+template <typename T>
+__device__ __forceinline__ Vec<T> load(const T* p, int64_t i, int n, bool whole) {
+  if (whole) return *reinterpret_cast<const Vec<T>*>(p + i);
+  Vec<T> r{};
+  for (int k = 0; k < kVec; ++k) {
+    if (k < n) r.v[k] = p[i + k];
+  }
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void store(T* p, int64_t i, int n, bool whole, const Vec<T>& x) {
+  if (whole) {
+    *reinterpret_cast<Vec<T>*>(p + i) = x;
+    return;
+  }
+  for (int k = 0; k < kVec; ++k) {
+    if (k < n) p[i + k] = x.v[k];
+  }
+}
+
+// Calls f(i, n, whole) for the elements of [begin, end) that thread `lane` of `width` threads
+// owns, n <= kVec consecutive ones at a time; consecutive lanes touch consecutive memory
+// (coalesced). aligned (every tensor accessed is vec_aligned, and begin % kVec == 0): the lane
+// owns the chunks of kVec elements at begin + (lane + k * width) * kVec, each whole (one vector
+// access per tensor) but a shorter last one. Otherwise it owns the single elements
+// begin + lane + k * width.
+template <typename F>
+__device__ __forceinline__ void for_chunks(int64_t begin, int64_t end, int lane, int width, bool aligned, F&& f) {
+  if (!aligned) {
+    for (int64_t i = begin + lane; i < end; i += width) f(i, 1, false);
+    return;
+  }
+  for (int64_t i = begin + int64_t{lane} * kVec; i < end; i += int64_t{width} * kVec) {
+    const int n = static_cast<int>(min(int64_t{kVec}, end - i));
+    f(i, n, n == kVec);
+  }
+}
+
+// Whether the step changes any of a chunk's n elements' parameters: not when skip_zeros skips
+// them all (zero gradients), and then the parameters (and fp32 sums) are not read or written.
+template <typename T>
+__device__ __forceinline__ bool any_updated(const Vec<T>& raw, int n, const StepConfig& c) {
+  if (!c.skip_zeros) return true;  // without waiting for the gradients: loads issue together
+  bool any = false;
+  for (int e = 0; e < kVec; ++e) any = any || (e < n && !skipped(to_float(raw.v[e]), c));
+  return any;
+}
+
 __device__ __forceinline__ float gnorm_of(const float* gnorm_scale) {
   return gnorm_scale != nullptr ? *gnorm_scale : 1.0f;
 }
@@ -82,15 +152,24 @@ __global__ void __launch_bounds__(kThreads) fp32_kernel(Batch<Fp32Tensor> b, Ste
     const T* grad = static_cast<const T*>(t.grad);
     const int64_t begin = (u - b.start[k]) * kFp32Chunk;
     const int64_t end = min(t.numel, begin + kFp32Chunk);
-    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-      const float raw = to_float(grad[i]);
-      if (skipped(raw, s.config)) continue;
-      const float p = to_float(param[i]);
-      const float g = effective_grad(raw, p, gs, s.config);
-      const float sum = accumulate(t.sum[i], g);
-      t.sum[i] = sum;
-      param[i] = from_float<T>(updated_param(p, g, sum, clr, s.config.eps));
-    }
+    const bool aligned = vec_aligned(param) && vec_aligned(grad) && vec_aligned(t.sum);
+    for_chunks(begin, end, threadIdx.x, kThreads, aligned, [&](int64_t i, int n, bool whole) {
+      const Vec<T> raw = load(grad, i, n, whole);
+      if (!any_updated(raw, n, s.config)) return;
+      Vec<T> p = load(static_cast<const T*>(param), i, n, whole);
+      Vec<float> sum = load(static_cast<const float*>(t.sum), i, n, whole);
+      for (int e = 0; e < kVec; ++e) {
+        if (e >= n) continue;
+        const float r = to_float(raw.v[e]);
+        if (skipped(r, s.config)) continue;  // stored back unchanged, bit for bit
+        const float pe = to_float(p.v[e]);
+        const float g = effective_grad(r, pe, gs, s.config);
+        sum.v[e] = accumulate(sum.v[e], g);
+        p.v[e] = from_float<T>(updated_param(pe, g, sum.v[e], clr, s.config.eps));
+      }
+      store(t.sum, i, n, whole, sum);
+      store(param, i, n, whole, p);
+    });
     __syncthreads();  // clr_shared is rewritten by the next unit
   }
 }
@@ -106,33 +185,71 @@ __device__ void load_map(const float* qmap, float* q, float* mid) {
   __syncthreads();
 }
 
-// New accumulator value of element i, from its code stored under old_scale.
-template <typename T>
-__device__ __forceinline__ float new_sum(const QuantTensor& t, int64_t i, const float* q, float old_scale,
-                                         float gs, const StepConfig& c) {
-  const float raw = to_float(static_cast<const T*>(t.grad)[i]);
-  const float sum = dequantize(t.codes[i], q, old_scale);
-  if (skipped(raw, c)) return sum;
-  const float p = to_float(static_cast<const T*>(t.param)[i]);
-  return accumulate(sum, effective_grad(raw, p, gs, c));
+// An element's new accumulator value (from its code under old_scale) and effective gradient.
+// The max pass and the write pass both call this, so they agree bit for bit.
+struct Accumulated {
+  float sum, g;
+  bool skipped;  // skip_zeros and a zero gradient: sum is the old value, g is 0 and unused
+};
+
+__device__ __forceinline__ Accumulated accumulated(float raw, float p, uint8_t code, const float* q, float old_scale,
+                                                   float gs, const StepConfig& c) {
+  const float sum = dequantize(code, q, old_scale);
+  if (skipped(raw, c)) return {sum, 0.0f, true};
+  const float g = effective_grad(raw, p, gs, c);
+  return {accumulate(sum, g), g, false};
 }
 
-// Recomputes element i exactly as new_sum does, writes its parameter and its code under new_scale.
+// The largest scale candidate among the new sums of the chunk at i (the max pass: parameters
+// are read only with weight decay, the only case effective_grad uses them, and only for a chunk
+// with an element that is not skipped).
 template <typename T>
-__device__ __forceinline__ void write_element(const QuantTensor& t, int64_t i, const float* q, const float* mid,
-                                              float old_scale, float new_scale, float gs, float clr,
-                                              const StepConfig& c, bool stochastic, uint64_t stream) {
-  const float raw = to_float(static_cast<const T*>(t.grad)[i]);
-  float sum = dequantize(t.codes[i], q, old_scale);
-  if (!skipped(raw, c)) {
-    T* param = static_cast<T*>(t.param);
-    const float p = to_float(param[i]);
-    const float g = effective_grad(raw, p, gs, c);
-    sum = accumulate(sum, g);
-    param[i] = from_float<T>(updated_param(p, g, sum, clr, c.eps));
+__device__ __forceinline__ float chunk_max(const QuantTensor& t, int64_t i, int n, bool whole, const float* q,
+                                           float old_scale, float gs, const StepConfig& c) {
+  const Vec<T> raw = load(static_cast<const T*>(t.grad), i, n, whole);
+  const Vec<uint8_t> code = load(static_cast<const uint8_t*>(t.codes), i, n, whole);
+  Vec<T> p{};
+  if (c.weight_decay != 0.0f && any_updated(raw, n, c)) p = load(static_cast<const T*>(t.param), i, n, whole);
+  float m = 0.0f;
+  for (int e = 0; e < kVec; ++e) {
+    if (e >= n) continue;
+    const Accumulated a = accumulated(to_float(raw.v[e]), to_float(p.v[e]), code.v[e], q, old_scale, gs, c);
+    m = fmaxf(m, scale_candidate(a.sum));
   }
-  const float x = normalize(sum, new_scale);
-  t.codes[i] = stochastic ? quantize_stochastic(x, q, uniform_at(span_key(stream, i), i)) : quantize_nearest(x, mid);
+  return m;
+}
+
+// Steps the chunk at i: writes its parameters (unless all are skipped) and its codes under
+// new_scale (always: the scale changed).
+template <typename T>
+__device__ __forceinline__ void write_chunk(const QuantTensor& t, int64_t i, int n, bool whole, const float* q,
+                                            const float* mid, float old_scale, float new_scale, float gs, float clr,
+                                            const StepConfig& c, bool stochastic, uint64_t stream) {
+  T* param = static_cast<T*>(t.param);
+  const Vec<T> raw = load(static_cast<const T*>(t.grad), i, n, whole);
+  const bool update = any_updated(raw, n, c);
+  Vec<T> p{};
+  if (update) p = load(static_cast<const T*>(param), i, n, whole);
+  Vec<uint8_t> code = load(static_cast<const uint8_t*>(t.codes), i, n, whole);
+  for (int e = 0; e < kVec; ++e) {
+    if (e >= n) continue;
+    const float pe = to_float(p.v[e]);
+    const Accumulated a = accumulated(to_float(raw.v[e]), pe, code.v[e], q, old_scale, gs, c);
+    if (!a.skipped) p.v[e] = from_float<T>(updated_param(pe, a.g, a.sum, clr, c.eps));
+    const float x = normalize(a.sum, new_scale);
+    const int64_t index = i + e;
+    code.v[e] = stochastic ? quantize_stochastic(x, q, uniform_at(span_key(stream, index), index))
+                           : quantize_nearest(x, mid);
+  }
+  if (update) store(param, i, n, whole, p);
+  store(t.codes, i, n, whole, code);
+}
+
+// Whether a chunk loop from begin over t may use vector accesses.
+template <typename T>
+__device__ __forceinline__ bool vec_aligned(const QuantTensor& t, int64_t begin) {
+  return begin % kVec == 0 && vec_aligned(static_cast<const T*>(t.param)) &&
+         vec_aligned(static_cast<const T*>(t.grad)) && vec_aligned(static_cast<const uint8_t*>(t.codes));
 }
 
 // The decayed lr and the stochastic-rounding key of t's step. decayed_lr divides in double
@@ -164,10 +281,11 @@ __device__ float group_max(float v, int group, float* red) {
   return v;
 }
 
-// Threads per scale block in quant_small_kernel: the next power of two >= block, at most kThreads.
+// Threads per scale block in quant_small_kernel: the smallest power of two that gives each
+// thread at most one chunk of kVec elements, capped at kThreads (larger blocks loop).
 __host__ __device__ __forceinline__ int group_size(int64_t block) {
   int g = 1;
-  while (g < block && g < kThreads) g <<= 1;
+  while (int64_t{g} * kVec < block && g < kThreads) g <<= 1;
   return g;
 }
 
@@ -175,9 +293,10 @@ __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { ret
 
 // ---- 8-bit state, blocks <= kMaxSmallBlock -------------------------------------------------
 // A unit is kThreads / group consecutive scale blocks, each done by its own group of threads:
-// pass 1 recomputes the new sums and reduces their max, pass 2 recomputes them identically and
-// writes params and codes, then the group's first thread stores the new scale. Every thread of
-// a group reads the old scale before group_max's __syncthreads, and it is written after it.
+// pass 1 computes the new sums and reduces their max; the group's first thread stores the new
+// scale (every thread of the group read the old one before group_max's __syncthreads); pass 2
+// computes the new sums again, identically, and writes params and codes. A scale block is at
+// most 16 KB of fp32 grads, so pass 2's reads hit L1/L2, not DRAM.
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -195,22 +314,23 @@ __global__ void __launch_bounds__(kThreads)
     const int lane = tid & (group - 1);
     const int64_t qb = (u - b.start[k]) * (kThreads / group) + tid / group;  // this group's scale block
     const int64_t begin = qb * t.block;
-    const int64_t len = begin < t.numel ? min(t.block, t.numel - begin) : 0;
-    const float old_scale = len > 0 ? t.absmax[qb] : 0.0f;
+    const int64_t end = begin < t.numel ? min(begin + t.block, t.numel) : begin;  // empty past the last block
+    const float old_scale = end > begin ? t.absmax[qb] : 0.0f;
     const float gs = gnorm_of(t.gnorm_scale);
+    const bool aligned = vec_aligned<T>(t, begin);
 
     float m = 0.0f;
-    for (int64_t j = lane; j < len; j += group) {
-      m = fmaxf(m, scale_candidate(new_sum<T>(t, begin + j, q, old_scale, gs, s.config)));
-    }
+    for_chunks(begin, end, lane, group, aligned, [&](int64_t i, int n, bool whole) {
+      m = fmaxf(m, chunk_max<T>(t, i, n, whole, q, old_scale, gs, s.config));
+    });
     const float new_scale = group_max(m, group, red);
+    if (lane == 0 && end > begin) t.absmax[qb] = new_scale;
 
     const float clr = clr_shared;
     const uint64_t stream = stream_shared;
-    for (int64_t j = lane; j < len; j += group) {
-      write_element<T>(t, begin + j, q, mid, old_scale, new_scale, gs, clr, s.config, stochastic, stream);
-    }
-    if (lane == 0 && len > 0) t.absmax[qb] = new_scale;
+    for_chunks(begin, end, lane, group, aligned, [&](int64_t i, int n, bool whole) {
+      write_chunk<T>(t, i, n, whole, q, mid, old_scale, new_scale, gs, clr, s.config, stochastic, stream);
+    });
     __syncthreads();  // red, clr_shared and stream_shared are rewritten by the next unit
   }
 }
@@ -244,9 +364,9 @@ __global__ void __launch_bounds__(kThreads) quant_max_kernel(Batch<QuantTensor> 
     const float old_scale = t.absmax[w.block_index];
     const float gs = gnorm_of(t.gnorm_scale);
     float m = 0.0f;
-    for (int64_t i = w.begin + threadIdx.x; i < w.end; i += kThreads) {
-      m = fmaxf(m, scale_candidate(new_sum<T>(t, i, q, old_scale, gs, s.config)));
-    }
+    for_chunks(w.begin, w.end, threadIdx.x, kThreads, vec_aligned<T>(t, w.begin), [&](int64_t i, int n, bool whole) {
+      m = fmaxf(m, chunk_max<T>(t, i, n, whole, q, old_scale, gs, s.config));
+    });
     m = group_max(m, kThreads, red);
     // m is finite and >= 0, where float order is int order of the bits.
     if (threadIdx.x == 0 && m > 0.0f) atomicMax(reinterpret_cast<int*>(b.scratch[k] + w.block_index), __float_as_int(m));
@@ -272,9 +392,9 @@ __global__ void __launch_bounds__(kThreads)
     const float old_scale = t.absmax[w.block_index];
     const float new_scale = b.scratch[k][w.block_index];
     const float gs = gnorm_of(t.gnorm_scale);
-    for (int64_t i = w.begin + threadIdx.x; i < w.end; i += kThreads) {
-      write_element<T>(t, i, q, mid, old_scale, new_scale, gs, clr, s.config, stochastic, stream);
-    }
+    for_chunks(w.begin, w.end, threadIdx.x, kThreads, vec_aligned<T>(t, w.begin), [&](int64_t i, int n, bool whole) {
+      write_chunk<T>(t, i, n, whole, q, mid, old_scale, new_scale, gs, clr, s.config, stochastic, stream);
+    });
     __syncthreads();  // clr_shared and stream_shared are rewritten by the next unit
   }
 }
