@@ -1,6 +1,8 @@
 // C entry points into the emulated kernels for tests/test_cuda_emulated.py (ctypes). Every
 // argument is what csrc/cuda/ops_cuda.cpp would pass: pointers to each tensor's data (nullptr
-// for an absent optional) and the scalars of the call.
+// for an absent optional) and the scalars of the call. They return the launchers' cudaError_t
+// (always 0: the emulated CUDA calls cannot fail). The library is built with hidden
+// visibility: only these are exported, so two builds loaded at once share no emulation state.
 #include <cstdint>
 #include <vector>
 
@@ -14,12 +16,18 @@ Step make_step(const float* lr, double lr_decay, float weight_decay, float eps, 
 }
 }  // namespace
 
+#define EMU_EXPORT __attribute__((visibility("default")))
+
 extern "C" {
 
-long emu_counts(int which) { return which == 0 ? emu_vector_accesses.load() : emu_misaligned_accesses.load(); }
+// 0: vector accesses so far; 1: those of them that were misaligned.
+EMU_EXPORT long emu_counts(int which) {
+  return which == 0 ? emu_vector_accesses.load() : emu_misaligned_accesses.load();
+}
 
-int emu_step(int dtype, int n, void** param, void** grad, void** sum, void** step, void** gnorm, const int64_t* numel,
-             const float* lr, double lr_decay, float weight_decay, float eps, int maximize, int skip_zeros) {
+EMU_EXPORT int emu_step(int dtype, int n, void** param, void** grad, void** sum, void** step, void** gnorm,
+                        const int64_t* numel, const float* lr, double lr_decay, float weight_decay, float eps,
+                        int maximize, int skip_zeros) {
   std::vector<Fp32Tensor> tensors;
   for (int i = 0; i < n; ++i) {
     tensors.push_back({param[i], grad[i], static_cast<float*>(sum[i]), static_cast<const float*>(step[i]),
@@ -29,10 +37,10 @@ int emu_step(int dtype, int n, void** param, void** grad, void** sum, void** ste
                    make_step(lr, lr_decay, weight_decay, eps, maximize, skip_zeros), nullptr);
 }
 
-int emu_step_quantized(int dtype, int n, void** param, void** grad, void** codes, void** absmax, void** step,
-                       void** gnorm, void** seed, const int64_t* numel, int64_t block_size, const float* qmap,
-                       const float* lr, double lr_decay, float weight_decay, float eps, int maximize,
-                       int skip_zeros) {
+EMU_EXPORT int emu_step_quantized(int dtype, int n, void** param, void** grad, void** codes, void** absmax,
+                                  void** step, void** gnorm, void** seed, const int64_t* numel, int64_t block_size,
+                                  const float* qmap, const float* lr, double lr_decay, float weight_decay, float eps,
+                                  int maximize, int skip_zeros) {
   std::vector<QuantTensor> tensors;
   for (int i = 0; i < n; ++i) {
     tensors.push_back({param[i], grad[i], static_cast<uint8_t*>(codes[i]), static_cast<float*>(absmax[i]),

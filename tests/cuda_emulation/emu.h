@@ -1,8 +1,15 @@
-// Just enough CUDA to run csrc/cuda/kernels.cu on a CPU (tests/test_cuda_emulated.py): every
-// CUDA thread of a block is a std::thread, blocks run one after another, __syncthreads is a
-// barrier, __shared__ variables are statics (one block at a time uses them). Vector accesses go
-// through emu_vector, which counts them and those not aligned to their size.
-// Not emulated: warps' lockstep, the memory model, timing.
+// Just enough CUDA to run csrc/cuda/kernels.cu on a CPU (tests/test_cuda_emulated.py).
+// - Every CUDA thread of a block is a std::thread, running freely between barriers.
+// - __syncthreads is a barrier of the block, after which half of the warps lag behind; a warp
+//   shuffle is a barrier of the warp's 32 threads only. So a block-wide race that a missing
+//   __syncthreads leaves can show: it did for two of three barriers removed on trial, not for
+//   the one at the end of quant_max_kernel's loop (its race needs warp 0 a whole unit behind).
+// - __shared__ variables are statics (one block at a time uses them).
+// - Vector accesses go through emu_vector, which counts them and those not aligned to their size.
+// - A block whose threads do not all reach a barrier aborts after a minute instead of hanging.
+// Not emulated: blocks running at the same time (they run one after another, ascending or, with
+// EMU_BLOCKS_REVERSED, descending), shared memory that starts as garbage (statics start zeroed
+// and keep the last block's values), the GPU memory model, timing.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -12,6 +19,11 @@
 #include <atomic>
 #include <barrier>
 #include <bit>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -32,17 +44,29 @@ struct EmuDim {
 inline thread_local EmuDim threadIdx, blockIdx;
 inline EmuDim gridDim;
 
-inline std::barrier<>* emu_barrier;
-inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
+inline std::barrier<>* emu_block_barrier;
+inline std::vector<std::barrier<>*> emu_warp_barriers;
+// After each barrier half of the warps wait a little (odd ones after odd-numbered barriers, even
+// ones after even-numbered), so that the others run ahead as warps may on a GPU: a block-wide
+// race (shared memory reused without a barrier in between) then shows up as wrong results
+// instead of depending on the scheduler's luck.
+inline thread_local unsigned emu_barriers_passed = 0;
+inline void __syncthreads() {
+  emu_block_barrier->arrive_and_wait();
+  if ((threadIdx.x / 32 + ++emu_barriers_passed) % 2 == 1) {
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+}
 
-// Every thread of the block calls it (as group_max does), so the exchange goes through memory
-// between two barriers. Offsets below 32 stay inside the thread's warp.
+// Every thread of the warp calls it (group_max: all threads of the block do), so the exchange
+// goes through memory between two barriers of the warp. Offsets below 32 stay inside the warp.
 inline float emu_exchange[1024];
 inline float __shfl_xor_sync(unsigned /*mask*/, float v, int offset) {
+  std::barrier<>& warp = *emu_warp_barriers[threadIdx.x / 32];
   emu_exchange[threadIdx.x] = v;
-  __syncthreads();
+  warp.arrive_and_wait();
   const float other = emu_exchange[threadIdx.x ^ offset];
-  __syncthreads();
+  warp.arrive_and_wait();
   return other;
 }
 
@@ -90,19 +114,44 @@ V* emu_vector(P* p) {
 }
 
 // kernel<<<grid, threads, 0, stream>>>(args...), rewritten by the test into this call.
+// threads: a multiple of 32 (every kernel uses 256).
 template <typename Kernel, typename... Args>
 void emu_launch(int grid, int threads, Kernel kernel, Args... args) {
   gridDim.x = static_cast<unsigned>(grid);
-  for (int b = 0; b < grid; ++b) {
-    std::barrier<> barrier(threads);
-    emu_barrier = &barrier;
+  for (int i = 0; i < grid; ++i) {
+#ifdef EMU_BLOCKS_REVERSED
+    const int b = grid - 1 - i;
+#else
+    const int b = i;
+#endif
+    std::barrier<> block_barrier(threads);
+    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    emu_warp_barriers.clear();
+    for (int w = 0; w < threads / 32; ++w) {
+      warps.push_back(std::make_unique<std::barrier<>>(32));
+      emu_warp_barriers.push_back(warps.back().get());
+    }
+    emu_block_barrier = &block_barrier;
+    std::mutex mutex;
+    std::condition_variable finished;
+    int running = threads;
     std::vector<std::thread> block;
     for (int t = 0; t < threads; ++t) {
       block.emplace_back([&, t] {
         threadIdx.x = static_cast<unsigned>(t);
         blockIdx.x = static_cast<unsigned>(b);
         kernel(args...);
+        const std::lock_guard<std::mutex> lock(mutex);
+        if (--running == 0) finished.notify_one();
       });
+    }
+    {
+      std::unique_lock<std::mutex> lock(mutex);
+      if (!finished.wait_for(lock, std::chrono::seconds(60), [&] { return running == 0; })) {
+        std::fprintf(stderr, "emulated CUDA block %d: %d threads never finished (a barrier not all reach?)\n", b,
+                     running);
+        std::abort();
+      }
     }
     for (std::thread& thread : block) thread.join();
   }
