@@ -117,6 +117,19 @@ def offset_copies(tensors, offset: int, device="cpu"):
             for t in tensors]
 
 
+def with_lists_offset(args: tuple, lists, offset: int, device="cpu") -> tuple:
+    """Op arguments args with the argument lists at indices `lists` replaced by offset_copies."""
+    return tuple(offset_copies(x, offset, device) if i in lists else x for i, x in enumerate(args))
+
+
+# Which argument lists (0: params, 1: grads, 2: sums or codes) a test places how many elements
+# into their buffers: one list at a time off the kernels' 4-element vectors, all of them, and all
+# 4 elements in (aligned again).
+OFFSET_LAYOUTS = [pytest.param(lists, offset, id=name) for name, lists, offset in [
+    ("params+1", (0,), 1), ("grads+2", (1,), 2), ("state+1", (2,), 1), ("state+2", (2,), 2),
+    ("all+3", (0, 1, 2), 3), ("all+4", (0, 1, 2), 4)]]
+
+
 def reference_impl(kind):
     from torch_adagrad8 import reference
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DTYPES, KINDS, Case, assert_same, make_case, offset_copies
+from conftest import DTYPES, KINDS, OFFSET_LAYOUTS, Case, assert_same, make_case, with_lists_offset
 from torch_adagrad8 import _build_info, _ops
 
 OPS = (_ops.STEP, _ops.STEP_QUANTIZED)
@@ -58,7 +58,7 @@ def _compare(case: Case, lists=(), offset: int = 0) -> None:
     1: grads, 2: sums or codes) are placed `offset` elements into their buffers."""
     cpu = case.clone().run()
     gpu = _on(case, "cuda")
-    gpu.args = tuple(offset_copies(x, offset, "cuda") if i in lists else x for i, x in enumerate(gpu.args))
+    gpu.args = with_lists_offset(gpu.args, lists, offset, "cuda")
     gpu.run()
     torch.cuda.synchronize()
     assert_same(cpu, _on(gpu, "cpu"))
@@ -92,8 +92,7 @@ def test_cuda_non_finite_gradient_matches_cpu():
 
 
 @needs_gpu
-@pytest.mark.parametrize(("lists", "offset"), [((0,), 1), ((1,), 2), ((2,), 1), ((2,), 2), ((0, 1, 2), 3), ((0, 1, 2), 4)],
-                         ids=["params+1", "grads+2", "state+1", "state+2", "all+3", "all+4"])
+@pytest.mark.parametrize(("lists", "offset"), OFFSET_LAYOUTS)
 @pytest.mark.parametrize("options", [dict(), dict(weight_decay=0.1, skip_zeros=True, stochastic=True)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", KINDS)
