@@ -85,6 +85,46 @@ def test_non_finite_gradient_stays_in_its_element(kind, bad):
         assert torch.equal(clean.args[3][0], dirty.args[3][0])
 
 
+# The max pass of tensor-wise state (and of blocks over 4096 elements) bounds each group of 256
+# elements by its largest code and its largest gradient square, and computes exactly only groups
+# whose bound reaches the maximum so far (kernels.cpp, max_range). A group skipped wrongly would
+# miss the tensor's maximum: the scale, and with it every code, would differ from the reference.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("source", ["code", "grad", "param"])
+def test_tensor_wise_scale_found_in_any_group(source, dtype):
+    n = 2 * 32768 + 1000  # two spans (each starts its own maximum) and a ragged end
+    for pos in (3, 255, 256 * 9 + 64, 256 * 40 + 130, 32768 + 256 * 3 + 200, 2 * 32768 + 700, n - 1):
+        case = make_case([(n,)], dtype, "tensorwise", seed=pos, gnorm=True, maximize=source == "param",
+                         weight_decay=0.5 if source == "param" else 0.0)
+        params, grads, codes = case.args[0][0], case.args[1][0], case.args[2][0]
+        codes.clamp_(max=200)
+        grads.mul_(0.01)
+        params.mul_(0.01)
+        if source == "code":  # the largest old accumulator, with a small gradient
+            codes[pos] = 255
+        elif source == "grad":
+            grads[pos] = 30.0
+        else:  # through weight decay: g + 0.5 * param
+            params[pos] = 100.0
+        native = check_against_reference(case)
+        new_codes = native.args[2][0]
+        assert new_codes[pos] == 255 and (new_codes == 255).sum() == 1  # pos set the scale
+
+
+@pytest.mark.parametrize("old_scale", [-2.0, float("nan"), float("inf"), 0.0])
+def test_tensor_wise_unusual_old_scale_matches_reference(old_scale):
+    """The max pass's bound needs a finite old scale >= 0; other values take the exact pass. Under
+    -2 the largest |new accumulator| is at the largest code, in a later group than the first."""
+    case = make_case([(40_000,)], torch.float32, "tensorwise", seed=2)
+    codes = case.args[2][0]
+    codes.clamp_(max=200)
+    codes[:256].clamp_(max=10)
+    codes[5000] = 255
+    case.args[1][0].mul_(0.01)
+    case.args[3][0].fill_(old_scale)
+    check_against_reference(case)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("kind", ["blockwise", "tensorwise"])
 def test_non_finite_gradient_where_the_block_max_would_be(kind, bad):

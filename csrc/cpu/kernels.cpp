@@ -138,19 +138,35 @@ void fp32_range(const Item& it, const StepConfig& c, int64_t begin, int64_t end)
 using iVec = at::vec::Vectorized<int32_t>;
 static_assert(iVec::size() == fVec::size());
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+inline int max_byte(__m128i q) {  // the largest of 16 unsigned bytes
+  q = _mm_max_epu8(q, _mm_srli_si128(q, 8));
+  q = _mm_max_epu8(q, _mm_srli_si128(q, 4));
+  q = _mm_max_epu8(q, _mm_srli_si128(q, 2));
+  q = _mm_max_epu8(q, _mm_srli_si128(q, 1));
+  return _mm_cvtsi128_si32(q) & 0xff;
+}
+#endif
+
 #if defined(CPU_CAPABILITY_AVX512)
 inline void store_codes(uint8_t* dst, const iVec& codes) {  // lanes hold 0..255
   _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(codes));
 }
-inline iVec gather(const int32_t* table, const iVec& index) { return _mm512_i32gather_epi32(index, table, 4); }
 inline iVec bits_of(const fVec& v) { return _mm512_castps_si512(v); }
 inline iVec shift_right_logical(const iVec& v, int k) { return _mm512_srli_epi32(v, k); }
-inline iVec shift_right_arith(const iVec& v, int k) { return _mm512_srai_epi32(v, k); }
-inline bool any_lane(const iVec& v) { return _mm512_test_epi32_mask(v, v) != 0; }
+using LaneMask = __mmask16;  // lanes that need the per-element path
+inline bool any_lane(LaneMask m) { return m != 0; }
 // max(m, |s|) where |s| is finite, m where it is not (scale_candidate on lanes).
 inline fVec max_finite_abs(const fVec& m, const fVec& s) {
   const __m512 a = _mm512_abs_ps(s);
   return _mm512_mask_max_ps(m, _mm512_cmp_ps_mask(a, _mm512_set1_ps(FLT_MAX), _CMP_LE_OQ), m, a);
+}
+// The largest of the n codes at p (n a multiple of 64).
+inline int max_code(const uint8_t* p, int64_t n) {
+  __m512i m = _mm512_setzero_si512();
+  for (int64_t i = 0; i < n; i += 64) m = _mm512_max_epu8(m, _mm512_loadu_si512(p + i));
+  const __m256i h = _mm256_max_epu8(_mm512_castsi512_si256(m), _mm512_extracti64x4_epi64(m, 1));
+  return max_byte(_mm_max_epu8(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
 }
 
 // Decoding: 32 codes at a time from the map split into two 16-bit planes (low and high halves of
@@ -228,10 +244,17 @@ inline iVec gather(const int32_t* table, const iVec& index) { return _mm256_i32g
 inline iVec bits_of(const fVec& v) { return _mm256_castps_si256(v); }
 inline iVec shift_right_logical(const iVec& v, int k) { return _mm256_srli_epi32(v, k); }
 inline iVec shift_right_arith(const iVec& v, int k) { return _mm256_srai_epi32(v, k); }
+using LaneMask = iVec;  // all ones in lanes that need the per-element path
 inline bool any_lane(const iVec& v) { return !_mm256_testz_si256(v, v); }
 inline fVec max_finite_abs(const fVec& m, const fVec& s) {
   const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), s);
   return _mm256_max_ps(m, _mm256_and_ps(a, _mm256_cmp_ps(a, _mm256_set1_ps(FLT_MAX), _CMP_LE_OQ)));
+}
+// The largest of the n codes at p (n a multiple of 32).
+inline int max_code(const uint8_t* p, int64_t n) {
+  __m256i m = _mm256_setzero_si256();
+  for (int64_t i = 0; i < n; i += 32) m = _mm256_max_epu8(m, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)));
+  return max_byte(_mm_max_epu8(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1)));
 }
 
 // Decoding with gathers, 16 codes at a time (2 vectors, as on AVX-512).
@@ -335,9 +358,23 @@ class Buckets {
     return (e & 0xffff) + (static_cast<int32_t>(bits & 0x7fff) > (e >> 16) ? 1 : 0);
   }
 
-#ifdef ADAGRAD8_VECTOR_CODES
+#if defined(CPU_CAPABILITY_AVX512)
+  // The same for lanes; lanes that need the search are set in `search`. Lanes outside [0, 1]
+  // (negative, -0.0 too, above 1, NaN: bits above 1.0's as unsigned) read no entry.
+  iVec count(const fVec& x, LaneMask& search) const {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __mmask16 inside = _mm512_cmple_epu32_mask(bits, _mm512_set1_epi32(kOne));
+    const __m512i key = _mm512_srli_epi32(bits, kShift);
+    const __m512i index = _mm512_max_epi32(_mm512_sub_epi32(key, _mm512_set1_epi32(kFirst - 1)), _mm512_setzero_si512());
+    const __m512i e = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), inside, index, entry_, 4);
+    search = _kor_mask16(_knot_mask16(inside), _mm512_test_epi32_mask(e, _mm512_set1_epi32(kSearch)));
+    const __mmask16 up = _mm512_cmpgt_epi32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fff)), _mm512_srai_epi32(e, 16));
+    const __m512i below = _mm512_and_si512(e, _mm512_set1_epi32(0xffff));
+    return _mm512_mask_add_epi32(below, up, below, _mm512_set1_epi32(1));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
   // The same for lanes; lanes that need the search are set in `search`.
-  iVec count(const fVec& x, iVec& search) const {
+  iVec count(const fVec& x, LaneMask& search) const {
     const iVec bits = bits_of(x);
     const iVec key = shift_right_logical(bits, kShift);
     // Negative (-0.0 too), above 1, NaN: bits above 1.0's as unsigned; as signed, the sign bit
@@ -371,6 +408,7 @@ struct Codebook {
   float q[kMapSize + 1];  // the map, then +Inf
   float mid[kMapSize];    // the 255 midpoints, then NaN (never below x, never equal)
   Buckets buckets;        // over mid (nearest) or over q[1..255] (stochastic)
+  bool sorted_nonneg;     // 0 <= q[0] <= q[1] <= ... <= q[255] (max_range's bound holds)
 #ifdef ADAGRAD8_VECTOR_CODES
   MapDecoder decoder;     // the map in registers (decoding; stochastic rounding's neighbours)
 #endif
@@ -384,6 +422,8 @@ struct Codebook {
     q[kMapSize] = std::numeric_limits<float>::infinity();
     for (int i = 0; i < kMapSize - 1; ++i) mid[i] = midpoint(qmap, i);
     mid[kMapSize - 1] = std::numeric_limits<float>::quiet_NaN();
+    sorted_nonneg = q[0] >= 0.0f;
+    for (int i = 0; i + 1 < kMapSize; ++i) sorted_nonneg = sorted_nonneg && q[i] <= q[i + 1];
     if (stochastic) {
       buckets.build(q + 1, kMapSize - 1, /*inclusive=*/true, false);
     } else {
@@ -409,10 +449,10 @@ struct Codebook {
 
 #ifdef ADAGRAD8_VECTOR_CODES
   // The same on lanes; `search` marks lanes that need the per-element path.
-  iVec nearest(const fVec& x, iVec& search) const { return buckets.count(x, search); }
+  iVec nearest(const fVec& x, LaneMask& search) const { return buckets.count(x, search); }
 
   // The same on the two vectors of a MapDecoder width (q[lo] and q[lo + 1] come from registers).
-  void stochastic(const fVec* x, const fVec* u, iVec* code, iVec* search) const {
+  void stochastic(const fVec* x, const fVec* u, iVec* code, LaneMask* search) const {
     iVec lo[2], up[2];
     for (int n = 0; n < 2; ++n) {
       lo[n] = at::vec::minimum(buckets.count(x[n], search[n]), iVec(254));
@@ -433,6 +473,11 @@ struct Codebook {
 // this size is updated and encoded in one pass over memory; larger blocks take two (the first
 // only finds the scale).
 constexpr int64_t kTile = 4096;
+// The write pass of a larger block (tensor-wise state among them), whose scale the max pass has
+// found, goes in tiles this small: a tile's new values are then still in L1 when they are
+// encoded. (In 4096-element tiles they had left it, with the params, grads and codes streamed
+// in between: tensor-wise steps took 1.15-1.2x as long on one core.)
+constexpr int64_t kWriteTile = 256;
 
 // The new accumulator values of the len elements at i0, from codes under old_absmax. With
 // WriteParams they go into s and the parameters are updated; without, s is scratch (the max
@@ -525,7 +570,8 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
         continue;
       }
       fVec x[2];
-      iVec code[2], search[2];
+      iVec code[2];
+      LaneMask search[2];
       for (int n = 0; n < 2; ++n) {
         x[n] = fVec::loadu(s + j + n * V);
         if (scaled) x[n] = x[n] / scale;
@@ -544,7 +590,7 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
     for (; j + V <= len; j += V) {
       fVec x = fVec::loadu(s + j);
       if (scaled) x = x / scale;
-      iVec search;
+      LaneMask search;
       store_codes(codes + j, book.nearest(x, search));
       if (any_lane(search)) {  // rare: x outside [0, 1] (NaN, Inf) or a crowded bucket
         for (int64_t k = 0; k < V; ++k) encode_one(j + k);
@@ -569,19 +615,53 @@ inline void encode_tile(const Call& call, const Item& it, int64_t i0, int64_t le
 template <typename T>
 void write_range(const Call& call, const Item& it, int64_t begin, int64_t end, float old_absmax,
                  float new_absmax, const Codebook& book, float* buf) {
-  for (int64_t i = begin; i < end; i += kTile) {
-    const int64_t len = std::min(kTile, end - i);
+  for (int64_t i = begin; i < end; i += kWriteTile) {
+    const int64_t len = std::min(kWriteTile, end - i);
     update_tile<T, true>(call, it, i, len, old_absmax, book, buf);
     encode_tile(call, it, i, len, new_absmax, book, buf);
   }
 }
 
+// Elements per group of the max pass's bound (a multiple of every vector width here).
+constexpr int64_t kGroup = 256;
+
 // Largest finite |new accumulator| over [begin, end) of one block, without writing anything.
+//
+// With a sorted nonnegative map (Codebook::sorted_nonneg) and a finite old scale S >= 0, every
+// new value of a group, fl(fl(q[c] * S) + fl(g * g)), is at most fl(fl(q[cmax] * S) + max g * g)
+// (rounding is monotone; a value that is NaN or infinite counts as 0 and drops out of both). A
+// group whose bound does not exceed the maximum so far cannot raise it, and needs only its
+// largest code and gradient square, not a decode: only the other groups take update_tile's exact
+// pass. The result is the same either way; groups are taken in order, so the first is exact.
 template <typename T>
 float max_range(const Call& call, const Item& it, int64_t begin, int64_t end, float old_absmax, const Codebook& book,
                 float* buf) {
   float m = 0.0f;
-  for (int64_t i = begin; i < end; i += kTile) {
+  int64_t i = begin;
+#ifdef ADAGRAD8_VECTOR_CODES
+  if (book.sorted_nonneg && old_absmax >= 0.0f && old_absmax <= FLT_MAX) {
+    const T* param = static_cast<const T*>(it.param);
+    const T* grad = static_cast<const T*>(it.grad);
+    const StepConfig c = call.config;
+    const Lanes k(c, it);
+    for (; i + kGroup <= end; i += kGroup) {
+      fVec square(0.0f);  // per lane, the largest finite g * g
+      for (int64_t j = i; j < i + kGroup; j += kLane<T>) {
+        fVec p[kParts<T>], g[kParts<T>];
+        if (c.weight_decay != 0.0f) load_float(param + j, p);
+        load_float(grad + j, g);
+        for (int q = 0; q < kParts<T>; ++q) {
+          const fVec e = grad_vec(p[q], g[q], c, k);
+          square = max_finite_abs(square, e * e);
+        }
+      }
+      const float largest = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, square);
+      const float bound = book.q[max_code(it.codes + i, kGroup)] * old_absmax + largest;
+      if (!(bound <= m)) m = std::max(m, update_tile<T, false>(call, it, i, kGroup, old_absmax, book, buf));
+    }
+  }
+#endif
+  for (; i < end; i += kTile) {
     m = std::max(m, update_tile<T, false>(call, it, i, std::min(kTile, end - i), old_absmax, book, buf));
   }
   return m;
