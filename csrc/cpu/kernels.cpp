@@ -632,7 +632,7 @@ constexpr int64_t kGroup = 256;
 // (rounding is monotone; a value that is NaN or infinite counts as 0 and drops out of both). A
 // group whose bound does not exceed the maximum so far cannot raise it, and needs only its
 // largest code and gradient square, not a decode: only the other groups take update_tile's exact
-// pass. The result is the same either way; groups are taken in order, so the first is exact.
+// pass. The result is the same either way.
 template <typename T>
 float max_range(const Call& call, const Item& it, int64_t begin, int64_t end, float old_absmax, const Codebook& book,
                 float* buf) {
