@@ -84,6 +84,16 @@ int main() {
     const __m512i r2 = _mm512_permutex2var_epi16(t[4], c, t[5]), r3 = _mm512_permutex2var_epi16(t[6], c, t[7]);
     return _mm512_mask_blend_epi16(b7, _mm512_mask_blend_epi16(b6, r0, r1), _mm512_mask_blend_epi16(b6, r2, r3));
   };
+  // The 32 values of idx[i..i+32) from the planes tl/th, summed pairwise (the unpack's in-lane
+  // order is ignored here).
+  const auto decode32 = [&](const __m512i* tl, const __m512i* th, int i) {
+    const __m512i c = _mm512_and_si512(_mm512_packus_epi32(_mm512_loadu_si512(&idx[i]), _mm512_loadu_si512(&idx[i + 16])),
+                                       _mm512_set1_epi16(255));
+    const __mmask32 b6 = _mm512_test_epi16_mask(c, _mm512_set1_epi16(64));
+    const __mmask32 b7 = _mm512_test_epi16_mask(c, _mm512_set1_epi16(128));
+    const __m512i l = plane(tl, c, b6, b7), h = plane(th, c, b6, b7);
+    return _mm512_add_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(l, h)), _mm512_castsi512_ps(_mm512_unpackhi_epi16(l, h)));
+  };
   const double words = ns_per_16([&] {
     __m512 a = facc;
     __m512i tl[8], th[8];
@@ -92,13 +102,7 @@ int main() {
       th[k] = hi[k];
     }
     for (int i = 0; i < kN; i += 32) {
-      const __m512i c = _mm512_and_si512(_mm512_packus_epi32(_mm512_loadu_si512(&idx[i]), _mm512_loadu_si512(&idx[i + 16])),
-                                         _mm512_set1_epi16(255));
-      const __mmask32 b6 = _mm512_test_epi16_mask(c, _mm512_set1_epi16(64));
-      const __mmask32 b7 = _mm512_test_epi16_mask(c, _mm512_set1_epi16(128));
-      const __m512i l = plane(tl, c, b6, b7), h = plane(th, c, b6, b7);
-      a = _mm512_add_ps(a, _mm512_add_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(l, h)),
-                                         _mm512_castsi512_ps(_mm512_unpackhi_epi16(l, h))));
+      a = _mm512_add_ps(a, decode32(tl, th, i));
     }
     facc = a;
   });
@@ -127,13 +131,7 @@ int main() {
         a = _mm512_add_ps(a, _mm512_div_ps(x, _mm512_set1_ps(1.5f)));
         b = _mm512_add_ps(b, _mm512_div_ps(_mm512_set1_ps(0.3f), _mm512_add_ps(_mm512_sqrt_ps(x), _mm512_set1_ps(1e-3f))));
       }
-      const __m512i c = _mm512_and_si512(_mm512_packus_epi32(_mm512_loadu_si512(&idx[i]), _mm512_loadu_si512(&idx[i + 16])),
-                                         _mm512_set1_epi16(255));
-      const __mmask32 b6 = _mm512_test_epi16_mask(c, _mm512_set1_epi16(64));
-      const __mmask32 b7 = _mm512_test_epi16_mask(c, _mm512_set1_epi16(128));
-      const __m512i l = plane(tl, c, b6, b7), h = plane(th, c, b6, b7);
-      d = _mm512_add_ps(d, _mm512_add_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(l, h)),
-                                         _mm512_castsi512_ps(_mm512_unpackhi_epi16(l, h))));
+      d = _mm512_add_ps(d, decode32(tl, th, i));
     }
     acc = g;
     dacc = _mm512_add_ps(a, b);
