@@ -283,6 +283,67 @@ def test_any_sorted_map_matches_reference(stochastic):
         check_against_reference(case)
 
 
+def exact_sums_case(qmap, targets, stochastic):
+    """A block-wise case whose new accumulators are exactly the given values in [0, 1] (those that
+    can be reached: the hit share is returned). Old scale 1; an element with code c and gradient g
+    gets fl(q[c] + fl(g * g)), with q[c] the largest map value <= the target and g searched around
+    sqrt(target - q[c]). Every block's last element has code 255 (q[255] = 1) and gradient 0, so
+    every new scale is 1 and the values are encoded as they are."""
+    f32 = torch.float32
+    t = targets.to(f32).clamp(0, 1).unique()
+    base = (torch.searchsorted(qmap, t, right=True) - 1).clamp(min=0)
+    q = qmap[base]
+    g0 = (t.double() - q.double()).clamp(min=0).sqrt().to(f32)
+    best = torch.zeros_like(t)
+    hit = (q == t)  # gradient 0
+    for k in range(-6, 7):  # neighbours of the first guess
+        g = g0
+        for _ in range(abs(k)):
+            g = torch.nextafter(g, torch.full_like(g, math.copysign(math.inf, k)))
+        ok = ~hit & ((q + g * g) == t)
+        best = torch.where(ok, g, best)
+        hit |= ok
+    m = int(hit.sum())
+    n_blocks = -(-m // 255)
+    codes = torch.zeros(n_blocks * 255, dtype=torch.uint8)  # padding: code 0, gradient 0
+    grads = torch.zeros(n_blocks * 255)
+    codes[:m], grads[:m] = base[hit].to(torch.uint8), best[hit]
+    codes = torch.cat([codes.view(n_blocks, 255), torch.full((n_blocks, 1), 255, dtype=torch.uint8)], 1)
+    grads = torch.cat([grads.view(n_blocks, 255), torch.zeros(n_blocks, 1)], 1)
+    n = n_blocks * 256
+    case = Case("blockwise", ([torch.zeros(n)], [grads.view(-1)], [codes.view(-1)], [torch.ones(n_blocks)],
+                              qmap.contiguous(), [torch.tensor(1.0)]),
+                dict(lr=torch.tensor(0.01), lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False,
+                     block_size=256, seeds=[torch.tensor(9)] if stochastic else None))
+    return case, float(hit.float().mean())
+
+
+def around(values, ulps=2):
+    """values and their float32 neighbours up to `ulps` away on either side."""
+    out, lo, hi = [values], values, values
+    for _ in range(ulps):
+        lo, hi = torch.nextafter(lo, torch.zeros_like(lo) - 2), torch.nextafter(hi, torch.zeros_like(hi) + 2)
+        out += [lo, hi]
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_every_rounding_edge_matches_reference(stochastic):
+    """The CPU encoder's counts (a line per quarter binade, checked when the map is loaded, and the
+    bucket table where the check fails) on the values where a count changes: every midpoint
+    (nearest) or map value (stochastic) and 2 floats on either side, and every quarter-binade
+    edge from 2^-34 to 1; for maps smooth, kinked (the dynamic maps' decades), crowded to a few
+    floats apart, with equal values, and uniform."""
+    edges = torch.tensor([f * 2.0**e for e in range(-34, 0) for f in (1, 1.25, 1.5, 1.75)] + [0.0, 1.0])
+    crowded = torch.cat([torch.linspace(0, 1e-3, 128), 0.5 + torch.arange(127) * 1e-7, torch.tensor([1.0])])
+    equal = torch.cat([torch.zeros(9), torch.full((7,), 0.25), torch.linspace(0.001, 1, 240)]).sort().values
+    for qmap in (Q.tapered_map(), Q.unsigned_map(), Q.signed_map(), crowded, equal, torch.linspace(-1, 1, 256)):
+        change = qmap[1:] if stochastic else (qmap[:-1] + qmap[1:]) * 0.5
+        case, hits = exact_sums_case(qmap, torch.cat([around(change), around(edges, 1)]), stochastic)
+        assert hits > 0.7, hits  # misses: edges far below the map's smallest value above 0
+        check_against_reference(case)
+
+
 def wide_range_cases():
     """Accumulators spanning 2^-70..1 of their block's scale, exact zeros among them, under maps
     whose lookup hits every kind of bucket: the dynamic maps, one with values below 2^-30 and an
