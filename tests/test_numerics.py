@@ -344,6 +344,26 @@ def test_every_rounding_edge_matches_reference(stochastic):
         check_against_reference(case)
 
 
+def test_map_changes_between_calls():
+    """The kernel keeps the tables of the last maps it saw: calls that switch between maps differing
+    in one value only (near 1, or near 0), and between rounding modes, each match the reference,
+    also once more maps have come through than it keeps."""
+    base = Q.tapered_map()
+    top, bottom = base.clone(), base.clone()
+    top[250] = (base[249] + base[250]) / 2  # still sorted
+    bottom[3] = (base[2] + base[3]) / 2
+    maps = [base, top, bottom, Q.unsigned_map(), Q.signed_map(), torch.linspace(0, 1, 256)]
+    for qmap in [base, top, base, bottom, *maps, base, top]:
+        for stochastic in (False, True):
+            case = make_case([(3000,)], torch.float32, "blockwise", stochastic=stochastic, seed=4)
+            args = list(case.args)
+            args[2], args[3] = list(Q.quantize(torch.rand(3000, generator=torch.Generator().manual_seed(1)), qmap, 256))
+            args[2], args[3] = [args[2]], [args[3]]
+            args[4] = qmap.contiguous()
+            case.args = tuple(args)
+            check_against_reference(case)
+
+
 def wide_range_cases():
     """Accumulators spanning 2^-70..1 of their block's scale, exact zeros among them, under maps
     whose lookup hits every kind of bucket: the dynamic maps, one with values below 2^-30 and an

@@ -15,8 +15,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <memory>
+#include <deque>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 
@@ -429,18 +431,20 @@ class CodeCounter {
   static constexpr int kBase = static_cast<int>(kOne >> kShift) - (kBuckets - 1);
   static constexpr uint16_t kMarked = 0xffff;  // at_ of a bucket whose lanes take the Buckets path
 
-  // count(x): a nondecreasing count in [0, 255] of x in [0, 1].
+  // count(x): a nondecreasing count in [0, 255] of x in [0, 1]; near[k - 1]: a value at or just
+  // below which the count reaches k (a guess, tried before a search: k = 1..255).
   template <typename Count>
-  void build(const Count& count) {
+  void build(const Count& count, const float* near) {
     uint32_t change[kMapSize + 1];  // change[k]: the first x (bits) with count >= k; kOne + 1: none
     change[0] = 0;
-    for (int k = 1; k <= kMapSize; ++k) change[k] = first_reaching(count, k, change[k - 1]);
+    for (int k = 1; k < kMapSize; ++k) change[k] = first_reaching(count, k, change[k - 1], near[k - 1]);
+    change[kMapSize] = kOne + 1;
     for (int e = 0; e < kMapSize; ++e) {  // e + 1 when x >= change[e + 1]: x's bits above thr
       const int32_t thr = change[e + 1] > kOne ? INT32_MAX : static_cast<int32_t>(change[e + 1]) - 1;
       thr_hi_[e] = static_cast<uint16_t>(static_cast<uint32_t>(thr) >> 16);
       thr_lo_[e] = static_cast<uint16_t>(thr & 0xffff);
     }
-    for (int b = 0; b < kBuckets; ++b) fit(b, change);
+    for (int b = 0, k = 0; b < kBuckets; ++b) k = fit(b, change, k);
     for (int i = 0; i < 8; ++i) {
       thr_hi_reg_[i] = _mm512_loadu_si512(thr_hi_ + 32 * i);
       thr_lo_reg_[i] = _mm512_loadu_si512(thr_lo_ + 32 * i);
@@ -489,9 +493,16 @@ class CodeCounter {
   }
   static int bucket_of(uint32_t bits) { return std::max(static_cast<int>(bits >> kShift) - kBase, 0); }
 
-  // The first x (bits) in [0, 1] with count >= k, kOne + 1 if none; from: a known lower bound.
+  // The first x (bits) in [0, 1] with count >= k, kOne + 1 if none; from: a known lower bound,
+  // near: the guess (its float and the next are tried: 2 counts instead of a 31-step search).
   template <typename Count>
-  static uint32_t first_reaching(const Count& count, int k, uint32_t from) {
+  static uint32_t first_reaching(const Count& count, int k, uint32_t from, float near) {
+    if (count(as_float(from)) >= k) return from;
+    uint32_t guess;
+    std::memcpy(&guess, &near, sizeof(guess));
+    for (uint32_t c = guess; near >= 0.0f && c <= guess + 1; ++c) {  // from > 0 below: from reaches k - 1
+      if (c > from && c <= kOne && count(as_float(c)) >= k && count(as_float(c - 1)) < k) return c;
+    }
     uint32_t lo = from, hi = kOne + 1;
     while (lo < hi) {
       const uint32_t mid = lo + (hi - lo) / 2;
@@ -511,13 +522,13 @@ class CodeCounter {
     return static_cast<uint16_t>(at_[b] + ((t * slope_[b]) >> 16)) >> 8;
   }
 
-  // The line of bucket b, checked on its whole domain; marked if it fails.
-  void fit(int b, const uint32_t* change) {
+  // The line of bucket b, checked on its whole domain; marked if it fails. k0: the count at the
+  // bucket's first x or below; returns the count at its last.
+  int fit(int b, const uint32_t* change, int k0) {
     const uint32_t first = b == 0 ? 0 : static_cast<uint32_t>(b + kBase) << kShift;
     const uint32_t last = std::min((static_cast<uint32_t>(b + kBase + 1) << kShift) - 1, kOne);
     const auto t_of = [](uint32_t bits) { return static_cast<double>((bits >> (kShift - 16)) & 0xffff); };
     // pieces [from[p], to[p]] of constant count k[p]: between the change points inside the bucket
-    int k0 = 0;
     while (k0 < kMapSize && change[k0 + 1] <= first) ++k0;
     int k1 = k0;
     while (k1 < kMapSize && change[k1 + 1] <= last) ++k1;
@@ -550,6 +561,7 @@ class CodeCounter {
       ok = to < from || (estimate(from) >= k - 1 && estimate(to) <= k);
     }
     if (!ok) at_[b] = kMarked, slope_[b] = 0;
+    return k1;
   }
 
   alignas(64) uint16_t at_[kBuckets];     // the line: estimate = (at + (t * slope >> 16)) >> 8, t the
@@ -591,9 +603,9 @@ struct Codebook {
     }
 #if defined(CPU_CAPABILITY_AVX512)
     if (stochastic) {
-      counter.build([this](float x) { return at_most(x); });
+      counter.build([this](float x) { return at_most(x); }, q + 1);
     } else {
-      counter.build([this](float x) { return static_cast<int>(quantize_nearest(x, mid)); });
+      counter.build([this](float x) { return static_cast<int>(quantize_nearest(x, mid)); }, mid);
     }
 #endif
   }
@@ -908,9 +920,36 @@ struct BigBlock {
   int64_t block;
 };
 
+// The Codebook of a map and rounding mode, kept for the last few asked for: a map rarely changes
+// between steps, and building its tables takes longer (~25 us) than a small step.
+std::shared_ptr<const Codebook> codebook_for(const float* qmap, bool stochastic) {
+  struct Kept {
+    float map[kMapSize];
+    bool stochastic;
+    std::shared_ptr<const Codebook> book;
+  };
+  constexpr size_t kKept = 4;
+  static std::mutex mutex;
+  static std::deque<Kept> kept;  // the most recently used first
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (auto it = kept.begin(); it != kept.end(); ++it) {
+    if (it->stochastic == stochastic && std::memcmp(it->map, qmap, sizeof(it->map)) == 0) {
+      Kept hit = *it;
+      kept.erase(it);
+      kept.push_front(hit);
+      return hit.book;
+    }
+  }
+  Kept fresh{{}, stochastic, std::make_shared<const Codebook>(qmap, stochastic)};  // ~40 KB: on the heap
+  std::memcpy(fresh.map, qmap, sizeof(fresh.map));
+  kept.push_front(fresh);
+  if (kept.size() > kKept) kept.pop_back();
+  return fresh.book;
+}
+
 template <typename T>
 void quantized_typed(const Call& call) {
-  const auto book = std::make_unique<Codebook>(call.qmap, call.stochastic);  // ~32 KB: on the heap
+  const std::shared_ptr<const Codebook> book = codebook_for(call.qmap, call.stochastic);
 
   std::vector<Span> spans;
   std::vector<BigBlock> big;
