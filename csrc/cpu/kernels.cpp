@@ -133,7 +133,8 @@ void fp32_range(const Item& it, const StepConfig& c, int64_t begin, int64_t end)
 // ---- 8-bit state: vector helpers ---------------------------------------------------------
 //
 // The 8-bit loops decode codes with a MapDecoder (the map in registers on AVX-512, a gather on
-// AVX2) and find new codes through a gather from a bucket table (Buckets below). at::vec lacks
+// AVX2) and find new codes with a CodeCounter (AVX-512: register permutes) or through a gather from
+// a bucket table (Buckets below: AVX2, and AVX-512 lanes the counter leaves to it). at::vec lacks
 // byte<->int32 lane conversions, integer gathers and these lookups, so they are written per
 // instruction set here.
 
