@@ -428,7 +428,7 @@ class CodeCounter {
   static constexpr int kShift = 21;  // a bucket: the exponent and the top 2 mantissa bits of x
   static constexpr uint32_t kOne = Buckets::kOne;
   // Bucket of x = (bits >> kShift) - kBase, saturating at 0: bucket 127 holds 1.0, bucket 0 everything
-  // below 1.25 * 2^-32 (its line is flat: those lanes' t is not their position in it).
+  // below 1.5 * 2^-32 (its line is flat: most of those lanes' t is not their position in it).
   static constexpr int kBase = static_cast<int>(kOne >> kShift) - (kBuckets - 1);
   static constexpr uint16_t kMarked = 0xffff;  // at_ of a bucket whose lanes take the Buckets path
 
@@ -517,10 +517,10 @@ class CodeCounter {
   }
 
   // count()'s estimate of x as count(): the same 16-bit arithmetic on one lane.
+  static uint32_t t_bits(uint32_t bits) { return (bits >> (kShift - 16)) & 0xffff; }  // x's 16 bits below the bucket's
   int estimate(uint32_t bits) const {
     const int b = bucket_of(bits);
-    const uint32_t t = (bits >> (kShift - 16)) & 0xffff;
-    return static_cast<uint16_t>(at_[b] + ((t * slope_[b]) >> 16)) >> 8;
+    return static_cast<uint16_t>(at_[b] + ((t_bits(bits) * slope_[b]) >> 16)) >> 8;
   }
 
   // The line of bucket b, checked on its whole domain; marked if it fails. k0: the count at the
@@ -528,7 +528,7 @@ class CodeCounter {
   int fit(int b, const uint32_t* change, int k0) {
     const uint32_t first = b == 0 ? 0 : static_cast<uint32_t>(b + kBase) << kShift;
     const uint32_t last = std::min((static_cast<uint32_t>(b + kBase + 1) << kShift) - 1, kOne);
-    const auto t_of = [](uint32_t bits) { return static_cast<double>((bits >> (kShift - 16)) & 0xffff); };
+    const auto t_of = [](uint32_t bits) { return static_cast<double>(t_bits(bits)); };
     // pieces [from[p], to[p]] of constant count k[p]: between the change points inside the bucket
     while (k0 < kMapSize && change[k0 + 1] <= first) ++k0;
     int k1 = k0;
@@ -557,6 +557,10 @@ class CodeCounter {
     bool ok = a >= 0 && a < kMarked && s >= 0 && s <= 0xffff;
     at_[b] = ok ? static_cast<uint16_t>(a) : kMarked;
     slope_[b] = ok ? static_cast<uint16_t>(s) : 0;
+    // at + mulhi(t, slope) must not pass 0xffff anywhere in the bucket (largest at its last x): the
+    // 16-bit sum would wrap, the estimate would fall inside a stretch, and checking a stretch's two
+    // ends would no longer cover its inside.
+    ok = ok && at_[b] + ((t_bits(last) * slope_[b]) >> 16) <= 0xffff;
     for (int k = k0; ok && k <= k1; ++k) {  // the exact check, in count()'s own arithmetic
       const uint32_t from = k == k0 ? first : change[k], to = k == k1 ? last : change[k + 1] - 1;
       ok = to < from || (estimate(from) >= k - 1 && estimate(to) <= k);
@@ -573,7 +577,7 @@ class CodeCounter {
 };
 #endif
 
-// Map, midpoints and the bucket table for one call's rounding mode.
+// Map, midpoints and the count tables for one map and rounding mode (kept across calls: codebook_for).
 struct Codebook {
   float q[kMapSize + 1];  // the map, then +Inf
   float mid[kMapSize];    // the 255 midpoints, then NaN (never below x, never equal)
@@ -586,12 +590,14 @@ struct Codebook {
   CodeCounter counter;    // the same counts as buckets, 32 lanes at a time without a gather
 #endif
 
+  // Everything is built from the Codebook's own copy of the map: it outlives the call (codebook_for),
+  // and the AVX2 decoder keeps a pointer to the values it gathers from.
   Codebook(const float* qmap, bool stochastic)
 #ifdef ADAGRAD8_VECTOR_CODES
-      : decoder(qmap)
+      : decoder(copy_map(q, qmap))
 #endif
   {
-    for (int i = 0; i < kMapSize; ++i) q[i] = qmap[i];
+    copy_map(q, qmap);  // again: the DEFAULT build has no decoder
     q[kMapSize] = std::numeric_limits<float>::infinity();
     for (int i = 0; i < kMapSize - 1; ++i) mid[i] = midpoint(qmap, i);
     mid[kMapSize - 1] = std::numeric_limits<float>::quiet_NaN();
@@ -609,6 +615,14 @@ struct Codebook {
       counter.build([this](float x) { return static_cast<int>(quantize_nearest(x, mid)); }, mid);
     }
 #endif
+  }
+
+  Codebook(const Codebook&) = delete;  // the AVX2 decoder points into q
+  Codebook& operator=(const Codebook&) = delete;
+
+  static const float* copy_map(float* dst, const float* qmap) {
+    std::memcpy(dst, qmap, kMapSize * sizeof(float));
+    return dst;
   }
 
   // The number of q[1..255] that are <= x (x not NaN).
