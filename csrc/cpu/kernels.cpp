@@ -21,6 +21,7 @@
 #include <mutex>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "adagrad8/quant.h"
 #include "adagrad8/rng.h"
@@ -29,6 +30,18 @@ namespace adagrad8::cpu::CPU_CAPABILITY {
 namespace {
 
 using fVec = at::vec::Vectorized<float>;
+
+// A float's bit pattern and back.
+inline uint32_t float_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  return bits;
+}
+inline float bits_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
 
 // Work is cut into spans of at most kSpan elements of one tensor and parallel_for hands out
 // whole spans, so no result depends on the number of threads.
@@ -193,8 +206,7 @@ class MapDecoder {
   explicit MapDecoder(const float* qmap) {
     alignas(64) uint16_t lo[kMapSize], hi[kMapSize];
     for (int i = 0; i < kMapSize; ++i) {
-      uint32_t bits;
-      std::memcpy(&bits, qmap + i, sizeof(bits));
+      const uint32_t bits = float_bits(qmap[i]);
       lo[i] = static_cast<uint16_t>(bits & 0xffffu);
       hi[i] = static_cast<uint16_t>(bits >> 16);
     }
@@ -356,8 +368,7 @@ class Buckets {
 
   // The count for x, or -1 when x needs the binary search.
   int count(float x) const {
-    uint32_t bits;
-    std::memcpy(&bits, &x, sizeof(bits));
+    const uint32_t bits = float_bits(x);
     if (bits > kOne) return -1;  // negative (-0.0 too), above 1, NaN
     const int32_t key = static_cast<int32_t>(bits >> kShift);
     const int32_t e = entry_[bucket(key)];
@@ -397,16 +408,9 @@ class Buckets {
 
  private:
   static float lower_edge(int32_t b) {  // b >= 1
-    const uint32_t bits = static_cast<uint32_t>(b + kFirst - 1) << kShift;
-    float f;
-    std::memcpy(&f, &bits, sizeof(f));
-    return f;
+    return bits_float(static_cast<uint32_t>(b + kFirst - 1) << kShift);
   }
-  static uint32_t low_bits(float v) {
-    uint32_t bits;
-    std::memcpy(&bits, &v, sizeof(bits));
-    return bits & 0x7fff;
-  }
+  static uint32_t low_bits(float v) { return float_bits(v) & 0x7fff; }
   int32_t entry_[kCount];
 };
 
@@ -487,27 +491,21 @@ class CodeCounter {
   }
 
  private:
-  static float as_float(uint32_t bits) {
-    float f;
-    std::memcpy(&f, &bits, sizeof(f));
-    return f;
-  }
   static int bucket_of(uint32_t bits) { return std::max(static_cast<int>(bits >> kShift) - kBase, 0); }
 
   // The first x (bits) in [0, 1] with count >= k, kOne + 1 if none; from: a known lower bound,
   // near: the guess (its float and the next are tried: 2 counts instead of a 31-step search).
   template <typename Count>
   static uint32_t first_reaching(const Count& count, int k, uint32_t from, float near) {
-    if (count(as_float(from)) >= k) return from;
-    uint32_t guess;
-    std::memcpy(&guess, &near, sizeof(guess));
+    if (count(bits_float(from)) >= k) return from;
+    const uint32_t guess = float_bits(near);
     for (uint32_t c = guess; near >= 0.0f && c <= guess + 1; ++c) {  // from > 0 below: from reaches k - 1
-      if (c > from && c <= kOne && count(as_float(c)) >= k && count(as_float(c - 1)) < k) return c;
+      if (c > from && c <= kOne && count(bits_float(c)) >= k && count(bits_float(c - 1)) < k) return c;
     }
     uint32_t lo = from, hi = kOne + 1;
     while (lo < hi) {
       const uint32_t mid = lo + (hi - lo) / 2;
-      if (count(as_float(mid)) >= k) {
+      if (count(bits_float(mid)) >= k) {
         hi = mid;
       } else {
         lo = mid + 1;
@@ -516,8 +514,8 @@ class CodeCounter {
     return lo;
   }
 
-  // count()'s estimate of x as count(): the same 16-bit arithmetic on one lane.
   static uint32_t t_bits(uint32_t bits) { return (bits >> (kShift - 16)) & 0xffff; }  // x's 16 bits below the bucket's
+  // count()'s estimate of x, in the same 16-bit arithmetic on one lane.
   int estimate(uint32_t bits) const {
     const int b = bucket_of(bits);
     return static_cast<uint16_t>(at_[b] + ((t_bits(bits) * slope_[b]) >> 16)) >> 8;
@@ -529,10 +527,14 @@ class CodeCounter {
     const uint32_t first = b == 0 ? 0 : static_cast<uint32_t>(b + kBase) << kShift;
     const uint32_t last = std::min((static_cast<uint32_t>(b + kBase + 1) << kShift) - 1, kOne);
     const auto t_of = [](uint32_t bits) { return static_cast<double>(t_bits(bits)); };
-    // pieces [from[p], to[p]] of constant count k[p]: between the change points inside the bucket
     while (k0 < kMapSize && change[k0 + 1] <= first) ++k0;
     int k1 = k0;
     while (k1 < kMapSize && change[k1 + 1] <= last) ++k1;
+    // the stretch of count k (k0..k1) inside the bucket, between its change points; empty (to <
+    // from) where the count jumps past k (equal values in the map)
+    const auto stretch = [&](int k) {
+      return std::pair<uint32_t, uint32_t>(k == k0 ? first : change[k], k == k1 ? last : change[k + 1] - 1);
+    };
     // slope: least squares through (t(change[k]), k - 0.5) for the change points inside
     double slope = 0.0;
     if (b > 0 && k1 - k0 >= 2) {
@@ -547,8 +549,8 @@ class CodeCounter {
     // the line a + slope * t must stay in [k - 1, k + 1) on each piece of count k
     double low = -1e300, high = 1e300;
     for (int k = k0; k <= k1; ++k) {
-      const uint32_t from = k == k0 ? first : change[k], to = k == k1 ? last : change[k + 1] - 1;
-      if (to < from) continue;  // the count jumps past k (equal values in the map)
+      const auto [from, to] = stretch(k);
+      if (to < from) continue;
       low = std::max(low, k - 1 - slope * t_of(from));
       high = std::min(high, k + 1 - slope * t_of(to));
     }
@@ -562,7 +564,7 @@ class CodeCounter {
     // ends would no longer cover its inside.
     ok = ok && at_[b] + ((t_bits(last) * slope_[b]) >> 16) <= 0xffff;
     for (int k = k0; ok && k <= k1; ++k) {  // the exact check, in count()'s own arithmetic
-      const uint32_t from = k == k0 ? first : change[k], to = k == k1 ? last : change[k + 1] - 1;
+      const auto [from, to] = stretch(k);
       ok = to < from || (estimate(from) >= k - 1 && estimate(to) <= k);
     }
     if (!ok) at_[b] = kMarked, slope_[b] = 0;
@@ -610,7 +612,7 @@ struct Codebook {
     }
 #if defined(CPU_CAPABILITY_AVX512)
     if (stochastic) {
-      counter.build([this](float x) { return at_most(x); }, q + 1);
+      counter.build([this](float x) { return values_at_most(x, q); }, q + 1);
     } else {
       counter.build([this](float x) { return static_cast<int>(quantize_nearest(x, mid)); }, mid);
     }
@@ -625,12 +627,6 @@ struct Codebook {
     return dst;
   }
 
-  // The number of q[1..255] that are <= x (x not NaN).
-  int at_most(float x) const {
-    int n = 0;
-    for (int step = 128; step > 0; step >>= 1) n += (q[n + step] <= x) ? step : 0;
-    return n;
-  }
 
   // quant.h's quantize_nearest(x, mid): the number of midpoints below x (ties to even).
   uint8_t nearest(float x) const {
@@ -939,24 +935,22 @@ struct BigBlock {
 // between steps, and building its tables takes longer (~25 us) than a small step.
 std::shared_ptr<const Codebook> codebook_for(const float* qmap, bool stochastic) {
   struct Kept {
-    float map[kMapSize];
     bool stochastic;
-    std::shared_ptr<const Codebook> book;
+    std::shared_ptr<const Codebook> book;  // its q: the map's bytes, the other half of the key
   };
   constexpr size_t kKept = 4;
   static std::mutex mutex;
   static std::deque<Kept> kept;  // the most recently used first
   const std::lock_guard<std::mutex> lock(mutex);
   for (auto it = kept.begin(); it != kept.end(); ++it) {
-    if (it->stochastic == stochastic && std::memcmp(it->map, qmap, sizeof(it->map)) == 0) {
+    if (it->stochastic == stochastic && std::memcmp(it->book->q, qmap, kMapSize * sizeof(float)) == 0) {
       Kept hit = *it;
       kept.erase(it);
       kept.push_front(hit);
       return hit.book;
     }
   }
-  Kept fresh{{}, stochastic, std::make_shared<const Codebook>(qmap, stochastic)};  // ~40 KB: on the heap
-  std::memcpy(fresh.map, qmap, sizeof(fresh.map));
+  const Kept fresh{stochastic, std::make_shared<const Codebook>(qmap, stochastic)};  // ~40 KB: on the heap
   kept.push_front(fresh);
   if (kept.size() > kKept) kept.pop_back();
   return fresh.book;

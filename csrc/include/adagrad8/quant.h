@@ -39,12 +39,18 @@ ADAGRAD8_HD uint8_t quantize_nearest(float x, const float* mid) {
   return static_cast<uint8_t>(i);
 }
 
+// The number of qmap[1..255] that are <= x (a sorted map; x not NaN).
+ADAGRAD8_HD int values_at_most(float x, const float* qmap) {
+  int n = 0;
+  for (int step = 128; step > 0; step >>= 1) n += (qmap[n + step] <= x) ? step : 0;
+  return n;
+}
+
 // Stochastic rounding between the two codes around x: up with probability
 // (x - below) / (above - below), decided by the uniform number u in [0, 1).
 ADAGRAD8_HD uint8_t quantize_stochastic(float x, const float* qmap, float u) {
   if (x != x) return 255;
-  int lo = 0;  // number of qmap[1..255] that are <= x, capped at 254
-  for (int step = 128; step > 0; step >>= 1) lo += (qmap[lo + step] <= x) ? step : 0;
+  int lo = values_at_most(x, qmap);
   if (lo > 254) lo = 254;
   const float below = qmap[lo];
   const float frac = (x - below) / (qmap[lo + 1] - below);
