@@ -451,43 +451,65 @@ class CodeCounter {
     }
     for (int b = 0, k = 0; b < kBuckets; ++b) k = fit(b, change, k);
     for (int i = 0; i < 8; ++i) {
-      thr_hi_reg_[i] = _mm512_loadu_si512(thr_hi_ + 32 * i);
-      thr_lo_reg_[i] = _mm512_loadu_si512(thr_lo_ + 32 * i);
+      thr_.hi[i] = _mm512_loadu_si512(thr_hi_ + 32 * i);
+      thr_.lo[i] = _mm512_loadu_si512(thr_lo_ + 32 * i);
     }
     for (int i = 0; i < 4; ++i) {
-      at_reg_[i] = _mm512_loadu_si512(at_ + 32 * i);
-      slope_reg_[i] = _mm512_loadu_si512(slope_ + 32 * i);
+      line_.at[i] = _mm512_loadu_si512(at_ + 32 * i);
+      line_.slope[i] = _mm512_loadu_si512(slope_ + 32 * i);
     }
     const __m512i words = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14,
                                            13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    low_words_ = _mm512_add_epi16(words, words);  // word 2i of the pair of vectors: lane i's low half
-    high_words_ = _mm512_add_epi16(low_words_, _mm512_set1_epi16(1));
+    line_.low_words = _mm512_add_epi16(words, words);  // word 2i of the pair of vectors: lane i's low half
+    line_.high_words = _mm512_add_epi16(line_.low_words, _mm512_set1_epi16(1));
   }
 
-  // The counts of x[0] (lanes 0-15) and x[1] (16-31), one per word in order; `other` marks lanes
-  // outside [0, 1] (NaN, negative, -0.0 too) or in a marked bucket: their words are not counts.
-  __m512i count(const fVec* x, __mmask32& other) const {
+  // The tables of count()'s two stages, as registers: a loop that copies them into locals keeps them
+  // in registers (read from the Codebook, they were loaded again after every code store, which may
+  // alias them). Both stages together need more registers than there are.
+  struct LineRegs {
+    __m512i at[4], slope[4], low_words, high_words;
+  };
+  struct ThresholdRegs {
+    __m512i hi[8], lo[8];
+  };
+  const LineRegs& line_regs() const { return line_; }
+  const ThresholdRegs& threshold_regs() const { return thr_; }
+
+  // Stage 1 of count(): x[0] (lanes 0-15) and x[1] (16-31) split into 16-bit halves, one word per
+  // lane in order, and the estimate e (the count or one less). `other` marks lanes outside [0, 1]
+  // (NaN, negative, -0.0 too) or in a marked bucket: their words are not counts.
+  static __m512i estimate(const LineRegs& r, const fVec* x, __m512i& hi, __m512i& lo, __mmask32& other) {
     const __m512i b0 = _mm512_castps_si512(x[0]), b1 = _mm512_castps_si512(x[1]);
-    const __m512i hi = _mm512_permutex2var_epi16(b0, high_words_, b1);
-    const __m512i lo = _mm512_permutex2var_epi16(b0, low_words_, b1);
+    hi = _mm512_permutex2var_epi16(b0, r.high_words, b1);
+    lo = _mm512_permutex2var_epi16(b0, r.low_words, b1);
     const __m512i one_hi = _mm512_set1_epi16(static_cast<int16_t>(kOne >> 16));
     const __mmask32 outside = _mm512_cmpgt_epu16_mask(hi, one_hi) |
                               _mm512_mask_test_epi16_mask(_mm512_cmpeq_epi16_mask(hi, one_hi), lo, lo);
     const __m512i bucket = _mm512_subs_epu16(_mm512_srli_epi16(hi, kShift - 16), _mm512_set1_epi16(kBase));
     const __m512i t = _mm512_or_si512(_mm512_slli_epi16(hi, 32 - kShift), _mm512_srli_epi16(lo, kShift - 16));
     const __mmask32 b6 = _mm512_test_epi16_mask(bucket, _mm512_set1_epi16(64));
-    const __m512i at = _mm512_mask_blend_epi16(b6, _mm512_permutex2var_epi16(at_reg_[0], bucket, at_reg_[1]),
-                                               _mm512_permutex2var_epi16(at_reg_[2], bucket, at_reg_[3]));
-    const __m512i slope = _mm512_mask_blend_epi16(b6, _mm512_permutex2var_epi16(slope_reg_[0], bucket, slope_reg_[1]),
-                                                  _mm512_permutex2var_epi16(slope_reg_[2], bucket, slope_reg_[3]));
+    const __m512i at = _mm512_mask_blend_epi16(b6, _mm512_permutex2var_epi16(r.at[0], bucket, r.at[1]),
+                                               _mm512_permutex2var_epi16(r.at[2], bucket, r.at[3]));
+    const __m512i slope = _mm512_mask_blend_epi16(b6, _mm512_permutex2var_epi16(r.slope[0], bucket, r.slope[1]),
+                                                  _mm512_permutex2var_epi16(r.slope[2], bucket, r.slope[3]));
     other = outside | _mm512_cmpeq_epi16_mask(at, _mm512_set1_epi16(static_cast<int16_t>(kMarked)));
-    const __m512i e = _mm512_srli_epi16(_mm512_add_epi16(at, _mm512_mulhi_epu16(t, slope)), 8);
+    return _mm512_srli_epi16(_mm512_add_epi16(at, _mm512_mulhi_epu16(t, slope)), 8);
+  }
+  // Stage 2: the count, e or e + 1, from x's halves hi and lo against the change point e + 1.
+  static __m512i settle(const ThresholdRegs& r, __m512i e, __m512i hi, __m512i lo) {
     const __mmask32 e6 = _mm512_test_epi16_mask(e, _mm512_set1_epi16(64));
     const __mmask32 e7 = _mm512_test_epi16_mask(e, _mm512_set1_epi16(128));
-    const __m512i thr_hi = plane(thr_hi_reg_, e, e6, e7), thr_lo = plane(thr_lo_reg_, e, e6, e7);
+    const __m512i thr_hi = plane(r.hi, e, e6, e7), thr_lo = plane(r.lo, e, e6, e7);
     const __mmask32 up = _mm512_cmpgt_epi16_mask(hi, thr_hi) |
                          _mm512_mask_cmpgt_epu16_mask(_mm512_cmpeq_epi16_mask(hi, thr_hi), lo, thr_lo);
     return _mm512_mask_add_epi16(e, up, e, _mm512_set1_epi16(1));
+  }
+  // Both stages: the counts of x[0] and x[1], one per word in order (`other` as in estimate()).
+  __m512i count(const fVec* x, __mmask32& other) const {
+    __m512i hi, lo;
+    const __m512i e = estimate(line_, x, hi, lo, other);
+    return settle(thr_, e, hi, lo);
   }
 
  private:
@@ -574,8 +596,8 @@ class CodeCounter {
   alignas(64) uint16_t at_[kBuckets];     // the line: estimate = (at + (t * slope >> 16)) >> 8, t the
   alignas(64) uint16_t slope_[kBuckets];  // 16 bits of x below the bucket's, at and slope in 1/256
   alignas(64) uint16_t thr_hi_[kMapSize], thr_lo_[kMapSize];  // bits just below change point e + 1
-  __m512i at_reg_[4], slope_reg_[4], thr_hi_reg_[8], thr_lo_reg_[8];
-  __m512i low_words_, high_words_;
+  LineRegs line_;
+  ThresholdRegs thr_;
 };
 #endif
 
@@ -662,32 +684,6 @@ struct Codebook {
       const fVec frac = (x[n] - below[n]) / (above[n] - below[n]);
       code[n] = lo[n] - bits_of(u[n] < frac);  // all ones (-1) where u < frac
     }
-  }
-#endif
-#if defined(CPU_CAPABILITY_AVX512)
-  // nearest and stochastic on the 32 lanes x[0], x[1] through the counter: the codes go to dst, or,
-  // when a lane needs the Buckets path, nothing is stored and the result is false.
-  bool try_nearest(const fVec* x, uint8_t* dst) const {
-    __mmask32 other;
-    const __m512i n = counter.count(x, other);
-    if (other != 0) return false;
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi16_epi8(n));
-    return true;
-  }
-  bool try_stochastic(const fVec* x, const fVec* u, uint8_t* dst) const {
-    __mmask32 other;
-    const __m512i lo = _mm512_min_epu16(counter.count(x, other), _mm512_set1_epi16(254));
-    if (other != 0) return false;
-    fVec below[2], above[2];
-    decoder.lookup_words(lo, below);
-    decoder.lookup_words(_mm512_add_epi16(lo, _mm512_set1_epi16(1)), above);
-    __mmask32 up = 0;
-    for (int n = 0; n < 2; ++n) {
-      const fVec frac = (x[n] - below[n]) / (above[n] - below[n]);
-      up |= static_cast<__mmask32>(_mm512_cmp_ps_mask(u[n], frac, _CMP_LT_OQ)) << (16 * n);
-    }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi16_epi8(_mm512_mask_add_epi16(lo, up, lo, _mm512_set1_epi16(1))));
-    return true;
   }
 #endif
 };
@@ -785,54 +781,109 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
   const bool scaled = new_absmax > 0.0f;
   const fVec scale(new_absmax);
   const iVec iota = iVec::arange(0, 1);
-  if constexpr (Stochastic) {  // two vectors at a time, the width of a MapDecoder lookup
-    for (; j + W <= len; j += W) {
-      const int64_t first = i0 + j;
-      if ((first >> 32) != ((first + W - 1) >> 32)) {  // the lanes straddle two 2^32-element spans
-        for (int64_t k = 0; k < W; ++k) encode_one(j + k);
-        continue;
+  const auto load = [s, scaled, &scale](int64_t e) {
+    const fVec x = fVec::loadu(s + e);
+    return scaled ? x / scale : x;
+  };
+  const auto uniform = [stream, i0, &iota](int64_t e) {  // the stochastic-rounding numbers of V lanes at e
+    return uniform_vec(span_key(stream, i0 + e), i0 + e, iota);
+  };
+  const auto encode_vec = [&book, &encode_one, codes](int64_t e, const fVec& x) {  // nearest, V lanes
+    LaneMask search;
+    store_codes(codes + e, book.nearest(x, search));
+    if (any_lane(search)) {  // rare: x outside [0, 1] (NaN, Inf) or a crowded bucket
+      for (int64_t k = 0; k < V; ++k) encode_one(e + k);
+    }
+  };
+  // The codes of the W values at e through the bucket table (AVX2; lanes the AVX-512 counter leaves).
+  const auto encode_group = [&](int64_t e) {
+    if constexpr (Stochastic) {
+      if (((i0 + e) >> 32) != ((i0 + e + W - 1) >> 32)) {  // the lanes straddle two 2^32-element spans
+        for (int64_t k = 0; k < W; ++k) encode_one(e + k);
+        return;
       }
-      fVec x[2];
+      const fVec x[2] = {load(e), load(e + V)}, u[2] = {uniform(e), uniform(e + V)};
       iVec code[2];
       LaneMask search[2];
-      for (int n = 0; n < 2; ++n) {
-        x[n] = fVec::loadu(s + j + n * V);
-        if (scaled) x[n] = x[n] / scale;
-      }
-      const uint32_t span = span_key(stream, first);
-      const fVec u[2] = {uniform_vec(span, first, iota), uniform_vec(span, first + V, iota)};
-#if defined(CPU_CAPABILITY_AVX512)
-      if (book.try_stochastic(x, u, codes + j)) continue;
-#endif
       book.stochastic(x, u, code, search);
       for (int n = 0; n < 2; ++n) {
-        store_codes(codes + j + n * V, code[n]);
+        store_codes(codes + e + n * V, code[n]);
         if (any_lane(search[n])) {  // rare: x outside [0, 1] (NaN, Inf) or a crowded bucket
-          for (int64_t k = 0; k < V; ++k) encode_one(j + n * V + k);
+          for (int64_t k = 0; k < V; ++k) encode_one(e + n * V + k);
+        }
+      }
+    } else {
+      encode_vec(e, load(e));
+      encode_vec(e + V, load(e + V));
+    }
+  };
+#if defined(CPU_CAPABILITY_AVX512)
+  // The counter's stages, each in a loop of its own over at most kStage values with its tables in
+  // registers (the loops copy them into locals): the estimate, then the count; with stochastic
+  // rounding, then the neighbours' values and the rounding. Groups of W values with lanes that the
+  // counter cannot count are encoded again through encode_group at the end.
+  constexpr int64_t kStage = 256;
+  alignas(64) uint16_t est[kStage], his[kStage], los[kStage];
+  alignas(64) float us[Stochastic ? kStage : 1];
+  while (j + W <= len) {
+    const int64_t n = std::min(kStage, (len - j) / W * W);
+    if (Stochastic && ((i0 + j) >> 32) != ((i0 + j + n - 1) >> 32)) {  // rare: straddles two spans
+      for (int64_t g = 0; g < n; g += W) encode_group(j + g);
+      j += n;
+      continue;
+    }
+    uint64_t redo = 0;  // bit g: the group at j + W * g
+    {
+      const CodeCounter::LineRegs line = book.counter.line_regs();
+      for (int64_t g = 0; g < n; g += W) {
+        const fVec x[2] = {load(j + g), load(j + g + V)};
+        __m512i hi, lo;
+        __mmask32 other;
+        _mm512_store_si512(est + g, CodeCounter::estimate(line, x, hi, lo, other));
+        _mm512_store_si512(his + g, hi);
+        _mm512_store_si512(los + g, lo);
+        redo |= static_cast<uint64_t>(other != 0) << (g / W);
+        if constexpr (Stochastic) {
+          uniform(j + g).store(us + g);
+          uniform(j + g + V).store(us + g + V);
         }
       }
     }
-  } else {
-    const auto load = [s, scaled, &scale](int64_t e) {
-      const fVec x = fVec::loadu(s + e);
-      return scaled ? x / scale : x;
-    };
-    const auto encode_vec = [&book, &encode_one, codes](int64_t e, const fVec& x) {
-      LaneMask search;
-      store_codes(codes + e, book.nearest(x, search));
-      if (any_lane(search)) {  // rare: x outside [0, 1] (NaN, Inf) or a crowded bucket
-        for (int64_t k = 0; k < V; ++k) encode_one(e + k);
-      }
-    };
-#if defined(CPU_CAPABILITY_AVX512)
-    for (; j + W <= len; j += W) {
-      const fVec x[2] = {load(j), load(j + V)};
-      if (!book.try_nearest(x, codes + j)) {
-        encode_vec(j, x[0]);
-        encode_vec(j + V, x[1]);
+    {
+      const CodeCounter::ThresholdRegs thr = book.counter.threshold_regs();
+      for (int64_t g = 0; g < n; g += W) {
+        const __m512i count = CodeCounter::settle(thr, _mm512_load_si512(est + g), _mm512_load_si512(his + g),
+                                                  _mm512_load_si512(los + g));
+        if constexpr (Stochastic) {  // the code below x (lo) or above (lo + 1)
+          _mm512_store_si512(est + g, _mm512_min_epu16(count, _mm512_set1_epi16(254)));
+        } else {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + j + g), _mm512_cvtepi16_epi8(count));
+        }
       }
     }
+    if constexpr (Stochastic) {  // quant.h's quantize_stochastic with q[lo] and q[lo + 1] from registers
+      const MapDecoder map = book.decoder;
+      for (int64_t g = 0; g < n; g += W) {
+        const __m512i lo = _mm512_load_si512(est + g);
+        fVec below[2], above[2];
+        map.lookup_words(lo, below);
+        map.lookup_words(_mm512_add_epi16(lo, _mm512_set1_epi16(1)), above);
+        __mmask32 up = 0;
+        for (int k = 0; k < 2; ++k) {
+          const fVec x = load(j + g + k * V);
+          const fVec frac = (x - below[k]) / (above[k] - below[k]);
+          up |= static_cast<__mmask32>(_mm512_cmp_ps_mask(fVec::loadu(us + g + k * V), frac, _CMP_LT_OQ)) << (16 * k);
+        }
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + j + g),
+                            _mm512_cvtepi16_epi8(_mm512_mask_add_epi16(lo, up, lo, _mm512_set1_epi16(1))));
+      }
+    }
+    for (; redo != 0; redo &= redo - 1) encode_group(j + W * __builtin_ctzll(redo));
+    j += n;
+  }
 #endif
+  for (; j + W <= len; j += W) encode_group(j);
+  if constexpr (!Stochastic) {
     for (; j + V <= len; j += V) encode_vec(j, load(j));
   }
 #endif
