@@ -3,7 +3,8 @@
 # the extension (CMake option ADAGRAD8_SANITIZE: -fsanitize=address,undefined,float-cast-overflow,
 # CPU only) into build/sanitize/site, never into the environment's site-packages, then runs the
 # op-level tests against it with the sanitizer runtimes preloaded into Python, once per CPU kernel variant
-# (ATEN_CPU_CAPABILITY default, avx2, avx512 where this CPU has them). Any sanitizer report or
+# (ATEN_CPU_CAPABILITY default, avx2, avx512 where this CPU has them; under avx512 also with
+# ADAGRAD8_NO_VBMI=1 where the CPU has AVX512-VBMI). Any sanitizer report or
 # test failure fails the script.
 #
 #   bash tools/sanitize.sh               # with .venv/cpu (made by tools/setup-env.sh), as tools/test.sh
@@ -147,4 +148,11 @@ for cap in "${caps[@]}"; do
     run_pytest "$cap" "${kernel_tests[@]}" --deselect "tests/test_numerics.py::$once_only" "$@"
   fi
 done
+# Under avx512, ops_cpu.cpp picks the kernels with byte permutes where the CPU has AVX512-VBMI (the
+# runs above); ADAGRAD8_NO_VBMI picks the plain AVX512 ones.
+if [[ "$best" == avx512 && " $flags " == *" avx512vbmi "* ]]; then
+  echo "[sanitize] ADAGRAD8_NO_VBMI=1: the plain AVX512 kernels"
+  (export ADAGRAD8_NO_VBMI=1; run_pytest avx512 "${kernel_tests[@]}" --deselect "tests/test_numerics.py::$once_only" "$@") || exit 1
+  caps+=("avx512 without VBMI")
+fi
 echo "[sanitize] clean under ASan and UBSan (${caps[*]}): tests took $((SECONDS - total)) s"

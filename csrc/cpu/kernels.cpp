@@ -202,7 +202,12 @@ inline __m512i plane(const __m512i* t, __m512i i, __mmask32 b6, __mmask32 b7) {
 // elements in order.
 class MapDecoder {
  public:
-  static constexpr int64_t kWidth = 32;
+  static constexpr int64_t kWidth = 32;  // lookup()
+#if defined(ADAGRAD8_VBMI)
+  static constexpr int64_t kDecodeWidth = 64;  // decode()
+#else
+  static constexpr int64_t kDecodeWidth = 32;
+#endif
   explicit MapDecoder(const float* qmap) {
     alignas(64) uint16_t lo[kMapSize], hi[kMapSize];
     for (int i = 0; i < kMapSize; ++i) {
@@ -214,6 +219,24 @@ class MapDecoder {
       lo_[i] = _mm512_load_si512(lo + 32 * i);
       hi_[i] = _mm512_load_si512(hi + 32 * i);
     }
+#if defined(ADAGRAD8_VBMI)
+    alignas(64) uint8_t planes[4][kMapSize];
+    for (int i = 0; i < kMapSize; ++i) {
+      for (int b = 0; b < 4; ++b) planes[b][i] = static_cast<uint8_t>(float_bits(qmap[i]) >> (8 * b));
+    }
+    for (int b = 0; b < 4; ++b) {
+      for (int i = 0; i < 4; ++i) bytes_[4 * b + i] = _mm512_load_si512(planes[b] + 64 * i);
+    }
+    // The unpacks below leave in 128-bit lane L of out[m] the bytes at 16L + 4m + d (d < 4); that
+    // position must hold element 16m + 4L + d.
+    alignas(64) uint8_t byte_order[kDecodeWidth];
+    for (int L = 0; L < 4; ++L) {
+      for (int m = 0; m < 4; ++m) {
+        for (int d = 0; d < 4; ++d) byte_order[16 * L + 4 * m + d] = static_cast<uint8_t>(16 * m + 4 * L + d);
+      }
+    }
+    byte_order_ = _mm512_load_si512(byte_order);
+#endif
     // unpacklo/hi_epi16 take words 0-3 / 4-7 of each 128-bit lane j: word 8j + k must hold element
     // 4j + k, and word 8j + 4 + k element 16 + 4j + k (k < 4).
     alignas(64) uint16_t order[kWidth];
@@ -225,10 +248,30 @@ class MapDecoder {
     }
     order_ = _mm512_load_si512(order);
   }
+#if defined(ADAGRAD8_VBMI)
+  // The map's values of codes[0..64), into out[0..4): byte permutes on four byte planes of the map.
+  void decode(const uint8_t* codes, fVec* out) const { lookup_bytes(_mm512_loadu_si512(codes), out); }
+  void lookup_bytes(__m512i c, fVec* out) const {
+    c = _mm512_permutexvar_epi8(byte_order_, c);
+    const __mmask64 b7 = _mm512_movepi8_mask(c);
+    __m512i p[4];
+    for (int b = 0; b < 4; ++b) {
+      p[b] = _mm512_mask_blend_epi8(b7, _mm512_permutex2var_epi8(bytes_[4 * b], c, bytes_[4 * b + 1]),
+                                    _mm512_permutex2var_epi8(bytes_[4 * b + 2], c, bytes_[4 * b + 3]));
+    }
+    const __m512i w01lo = _mm512_unpacklo_epi8(p[0], p[1]), w01hi = _mm512_unpackhi_epi8(p[0], p[1]);
+    const __m512i w23lo = _mm512_unpacklo_epi8(p[2], p[3]), w23hi = _mm512_unpackhi_epi8(p[2], p[3]);
+    out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01lo, w23lo));
+    out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01lo, w23lo));
+    out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01hi, w23hi));
+    out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01hi, w23hi));
+  }
+#else
   // The map's values of codes[0..32), into out[0] and out[1].
   void decode(const uint8_t* codes, fVec* out) const {
     lookup_words(_mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes))), out);
   }
+#endif
   // The map's values at index[0] and index[1] (16 lanes of 0..255 each).
   void lookup(const iVec* index, fVec* out) const {
     const __m256i first = _mm512_cvtepi32_epi16(index[0]);
@@ -248,6 +291,10 @@ class MapDecoder {
  private:
   __m512i lo_[8], hi_[8];
   __m512i order_;
+#if defined(ADAGRAD8_VBMI)
+  __m512i bytes_[16];  // byte b of value 64i + k: byte k of bytes_[4b + i]
+  __m512i byte_order_;
+#endif
 };
 #elif defined(CPU_CAPABILITY_AVX2)
 inline iVec load_codes(const uint8_t* src) {
@@ -280,6 +327,7 @@ inline int max_code(const uint8_t* p, int64_t n) {
 class MapDecoder {
  public:
   static constexpr int64_t kWidth = 16;
+  static constexpr int64_t kDecodeWidth = kWidth;
   explicit MapDecoder(const float* qmap) : qmap_(qmap) {}
   void decode(const uint8_t* codes, fVec* out) const {
     out[0] = gather(qmap_, load_codes(codes));
@@ -716,7 +764,7 @@ float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, flo
   const Lanes k(c, it);
   const fVec scale(old_absmax);
   const MapDecoder& map = book.decoder;
-  constexpr int64_t kWidth = MapDecoder::kWidth;
+  constexpr int64_t kWidth = MapDecoder::kDecodeWidth;
   static_assert(kWidth % kLane<T> == 0);
   fVec vmax(0.0f);
   for (; j + kWidth <= len; j += kWidth) {
@@ -824,7 +872,7 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
   // counter cannot count are encoded again through encode_group at the end.
   constexpr int64_t kStage = 256;
   alignas(64) uint16_t est[kStage], his[kStage], los[kStage];
-  alignas(64) float us[Stochastic ? kStage : 1];
+  alignas(64) float us[Stochastic ? kStage : 1], xs[Stochastic ? kStage : 1];  // u and x (stochastic)
   while (j + W <= len) {
     const int64_t n = std::min(kStage, (len - j) / W * W);
     if (Stochastic && ((i0 + j) >> 32) != ((i0 + j + n - 1) >> 32)) {  // rare: straddles two spans
@@ -843,9 +891,11 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
         _mm512_store_si512(his + g, hi);
         _mm512_store_si512(los + g, lo);
         redo |= static_cast<uint64_t>(other != 0) << (g / W);
-        if constexpr (Stochastic) {
+        if constexpr (Stochastic) {  // u, and x (dividing again by the scale costs more)
           uniform(j + g).store(us + g);
           uniform(j + g + V).store(us + g + V);
+          x[0].store(xs + g);
+          x[1].store(xs + g + V);
         }
       }
     }
@@ -863,14 +913,35 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
     }
     if constexpr (Stochastic) {  // quant.h's quantize_stochastic with q[lo] and q[lo + 1] from registers
       const MapDecoder map = book.decoder;
-      for (int64_t g = 0; g < n; g += W) {
+      int64_t g = 0;
+#if defined(ADAGRAD8_VBMI)
+      // Two groups at a time through the byte planes: their 64 codes lo as bytes (the low byte of
+      // each word of the two groups), the neighbours' values for all 64 at once.
+      alignas(64) uint8_t low_bytes[64];
+      for (int k = 0; k < 64; ++k) low_bytes[k] = static_cast<uint8_t>(2 * k);  // bit 6: the second group
+      const __m512i pack = _mm512_load_si512(low_bytes);
+      for (; g + 2 * W <= n; g += 2 * W) {
+        const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(est + g), pack, _mm512_load_si512(est + g + W));
+        fVec below[4], above[4];
+        map.lookup_bytes(lo, below);
+        map.lookup_bytes(_mm512_add_epi8(lo, _mm512_set1_epi8(1)), above);
+        __mmask64 up = 0;
+        for (int k = 0; k < 4; ++k) {
+          const fVec x = fVec::loadu(xs + g + k * V);
+          const fVec frac = (x - below[k]) / (above[k] - below[k]);
+          up |= static_cast<__mmask64>(_mm512_cmp_ps_mask(fVec::loadu(us + g + k * V), frac, _CMP_LT_OQ)) << (16 * k);
+        }
+        _mm512_storeu_si512(codes + j + g, _mm512_mask_add_epi8(lo, up, lo, _mm512_set1_epi8(1)));
+      }
+#endif
+      for (; g < n; g += W) {
         const __m512i lo = _mm512_load_si512(est + g);
         fVec below[2], above[2];
         map.lookup_words(lo, below);
         map.lookup_words(_mm512_add_epi16(lo, _mm512_set1_epi16(1)), above);
         __mmask32 up = 0;
         for (int k = 0; k < 2; ++k) {
-          const fVec x = load(j + g + k * V);
+          const fVec x = fVec::loadu(xs + g + k * V);
           const fVec frac = (x - below[k]) / (above[k] - below[k]);
           up |= static_cast<__mmask32>(_mm512_cmp_ps_mask(fVec::loadu(us + g + k * V), frac, _CMP_LT_OQ)) << (16 * k);
         }

@@ -1,7 +1,8 @@
 // Interface between the torch glue (ops_cpu.cpp) and the CPU kernels (kernels.cpp).
 //
-// kernels.cpp is compiled once per instruction set (DEFAULT, AVX2, AVX512); each copy lives in
-// its own namespace and the glue picks one at run time from at::get_cpu_capability().
+// kernels.cpp is compiled once per instruction set (DEFAULT, AVX2, AVX512, and AVX512_VBMI: AVX512
+// with byte permutes); each copy lives in its own namespace and the glue picks one at run time from
+// at::get_cpu_capability() and the CPU's features.
 #pragma once
 
 #include <cstdint>
@@ -44,5 +45,6 @@ struct Call {
 ADAGRAD8_DECLARE_CPU_KERNELS(DEFAULT)
 ADAGRAD8_DECLARE_CPU_KERNELS(AVX2)
 ADAGRAD8_DECLARE_CPU_KERNELS(AVX512)
+ADAGRAD8_DECLARE_CPU_KERNELS(AVX512_VBMI)
 
 }  // namespace adagrad8::cpu

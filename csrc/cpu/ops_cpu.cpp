@@ -3,6 +3,8 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+
 #include "adagrad8/rng.h"
 #include "cpu/kernels.h"
 #include "validate.h"
@@ -15,11 +17,17 @@ struct Kernels {
   void (*quantized)(const Call&);
 };
 
-// The widest instruction set that this build has and at::get_cpu_capability() allows
-// (which honours the ATEN_CPU_CAPABILITY environment variable).
+// The widest instruction set that this build has and at::get_cpu_capability() allows (which
+// honours the ATEN_CPU_CAPABILITY environment variable). Under AVX512, the byte-permute variant
+// where the CPU has AVX512-VBMI and ADAGRAD8_NO_VBMI is unset (the tests run both).
 const Kernels& kernels() {
   static const Kernels chosen = [] {
     const std::string cap = at::get_cpu_capability();
+#ifdef ADAGRAD8_HAVE_AVX512_VBMI
+    if (cap == "AVX512" && __builtin_cpu_supports("avx512vbmi") && std::getenv("ADAGRAD8_NO_VBMI") == nullptr) {
+      return Kernels{AVX512_VBMI::step_fp32, AVX512_VBMI::step_quantized};
+    }
+#endif
 #ifdef ADAGRAD8_HAVE_AVX512
     if (cap == "AVX512") return Kernels{AVX512::step_fp32, AVX512::step_quantized};
 #endif
