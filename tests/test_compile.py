@@ -209,18 +209,27 @@ def transformer_run(compiled: bool, steps: int = 20):
 def test_whole_training_step_is_one_graph_and_matches_eager():
     """Forward, backward and opt.step() in one compiled function (backward needs dynamo's
     trace_autograd_ops). Inductor computes forward and backward in its own order, so the match is
-    close, not bitwise."""
+    close, not bitwise.
+
+    How close: last-bit differences in forward and backward flip a few 8-bit codes, and 20 steps
+    of training amplify that. Two eager runs that differ only in torch's own rounding drift apart as
+    far (measured on an Intel Xeon, ATEN_CPU_CAPABILITY=avx2 against avx512, and the same with one
+    ulp added to every initial weight: losses 5e-4 apart relative by step 15, single weights up to
+    0.01 = 0.2 lr, all weights 1.4e-3 in relative norm; compiled against eager: the same). The
+    bounds below leave margin for that and still catch a wrong step: Adagrad moves a weight by up
+    to lr per step, and a missed or doubled step moves many weights by that much."""
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         model_c, losses_c = transformer_run(compiled=True)
     model_e, losses_e = transformer_run(compiled=False)
     assert losses_e[-5:].mean() < losses_e[:5].mean() * 0.8  # it trains
-    torch.testing.assert_close(losses_c, losses_e, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(losses_c[:5], losses_e[:5], rtol=1e-4, atol=1e-5)  # before the drift
+    torch.testing.assert_close(losses_c, losses_e, rtol=5e-3, atol=1e-5)
+    lr = 0.05
     for (name, a), b in zip(model_c.named_parameters(), model_e.parameters()):
-        # Rounding differences in forward and backward move Adagrad's early, nearly sign-sized
-        # steps slightly, and an 8-bit code flips where its input differs in the last bit: a few
-        # elements move by a fraction of lr (0.05); the tensor as a whole stays put.
-        torch.testing.assert_close(a, b, rtol=0, atol=0.1 * 0.05, msg=lambda m, name=name: f"{name}: {m}")
-        assert (a - b).norm() <= 1e-3 * b.norm(), name
+        torch.testing.assert_close(a, b, rtol=0, atol=0.5 * lr, msg=lambda m, name=name: f"{name}: {m}")
+    weights_c = torch.cat([p.detach().flatten() for p in model_c.parameters()])
+    weights_e = torch.cat([p.detach().flatten() for p in model_e.parameters()])
+    assert (weights_c - weights_e).norm() <= 1e-2 * weights_e.norm()
 
 
 # ---- the post-grad graph ---------------------------------------------------------------------
