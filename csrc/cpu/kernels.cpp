@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <deque>
 #include <limits>
@@ -52,9 +53,16 @@ constexpr int64_t kSpan = int64_t{1} << 15;
 // 0.60-0.63 ns per element, with it 0.50-0.52).
 constexpr int64_t kPrefetch = 512;
 
-// Asks for the cache lines of the n bytes at p (into L1, for reading).
-inline void prefetch(const void* p, int64_t n) {
-  for (int64_t b = 0; b < n; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b, 0, 3);
+// Asks for the cache lines that hold elements [at, at + count) of the array at p (into L1, for
+// reading). Those may lie past the array's end: a prefetch never faults, and the address is formed
+// as an integer, since pointer arithmetic past the end is undefined.
+template <typename T>
+inline void prefetch(const T* p, int64_t at, int64_t count) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(at) * sizeof(T);
+  const uintptr_t end = first + static_cast<uintptr_t>(count) * sizeof(T);
+  for (uintptr_t line = first & ~uintptr_t{63}; line < end; line += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 3);
+  }
 }
 
 template <typename T>
@@ -135,9 +143,9 @@ void fp32_range(const Item& it, const StepConfig& c, int64_t begin, int64_t end)
   const Lanes k(c, it);
   int64_t i = begin;
   for (; i + kLane<T> <= end; i += kLane<T>) {
-    prefetch(param + i + kPrefetch, kLane<T> * sizeof(T));
-    prefetch(grad + i + kPrefetch, kLane<T> * sizeof(T));
-    prefetch(sum + i + kPrefetch, kLane<T> * sizeof(float));
+    prefetch(param, i + kPrefetch, kLane<T>);
+    prefetch(grad, i + kPrefetch, kLane<T>);
+    prefetch(sum, i + kPrefetch, kLane<T>);
     fVec p[kParts<T>], g[kParts<T>];
     load_float(param + i, p);
     load_float(grad + i, g);
@@ -761,15 +769,15 @@ constexpr int64_t kWriteTile = 256;
 
 #ifdef ADAGRAD8_VECTOR_CODES
 // The body of update_tile's vector loop: the kDecodeWidth elements at j of a tile (pointers at the
-// tile's start). The new sums go to s[j...] and raise vmax.
+// tile's start). With WriteParams the new sums go to s[j...]; either way they raise vmax.
 template <typename T, bool WriteParams>
 inline void update_chunk(T* param, const T* grad, const uint8_t* codes, int64_t j, bool read_params, const fVec& scale,
                          const MapDecoder& map, const StepConfig& c, const Lanes& k, float* s, fVec& vmax) {
   constexpr int64_t kWidth = MapDecoder::kDecodeWidth;
   static_assert(kWidth % kLane<T> == 0);
-  prefetch(grad + j + kPrefetch, kWidth * sizeof(T));
-  if (read_params) prefetch(param + j + kPrefetch, kWidth * sizeof(T));
-  prefetch(codes + j + kPrefetch, kWidth);
+  prefetch(grad, j + kPrefetch, kWidth);
+  if (read_params) prefetch(param, j + kPrefetch, kWidth);
+  prefetch(codes, j + kPrefetch, kWidth);
   fVec sv[kWidth / fVec::size()];
   map.decode(codes + j, sv);
   for (int64_t c0 = 0; c0 < kWidth; c0 += kLane<T>) {
@@ -1046,8 +1054,8 @@ float max_range(const Call& call, const Item& it, int64_t begin, int64_t end, fl
     for (; i + kGroup <= end; i += kGroup) {
       fVec square(0.0f);  // per lane, the largest finite g * g
       for (int64_t j = i; j < i + kGroup; j += kLane<T>) {
-        prefetch(grad + j + kPrefetch, kLane<T> * sizeof(T));
-        if (c.weight_decay != 0.0f) prefetch(param + j + kPrefetch, kLane<T> * sizeof(T));
+        prefetch(grad, j + kPrefetch, kLane<T>);
+        if (c.weight_decay != 0.0f) prefetch(param, j + kPrefetch, kLane<T>);
         fVec p[kParts<T>], g[kParts<T>];
         if (c.weight_decay != 0.0f) load_float(param + j, p);
         load_float(grad + j, g);
@@ -1057,7 +1065,7 @@ float max_range(const Call& call, const Item& it, int64_t begin, int64_t end, fl
         }
       }
       const float largest = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, square);
-      prefetch(it.codes + i + kPrefetch, kGroup);
+      prefetch(it.codes, i + kPrefetch, kGroup);
       const float bound = book.q[max_code(it.codes + i, kGroup)] * old_absmax + largest;
       if (!(bound <= m)) m = std::max(m, update_tile<T, false>(call, it, i, kGroup, old_absmax, book, buf));
     }
