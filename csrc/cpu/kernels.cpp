@@ -53,15 +53,16 @@ constexpr int64_t kSpan = int64_t{1} << 15;
 // 0.60-0.63 ns per element, with it 0.50-0.52).
 constexpr int64_t kPrefetch = 512;
 
-// Asks for the cache lines that hold elements [at, at + count) of the array at p (into L1, for
-// reading). Those may lie past the array's end: a prefetch never faults, and the address is formed
-// as an integer, since pointer arithmetic past the end is undefined.
+// Asks for the memory of elements [at, at + count) of the array at p, one request per 64 bytes
+// from the first element's address (into L1, for reading). Callers step through an array in
+// order, so every line is asked for by one call or the next. The elements may lie past the array's
+// end: a prefetch never faults, and the address is formed as an integer, since pointer arithmetic
+// past the end is undefined.
 template <typename T>
 inline void prefetch(const T* p, int64_t at, int64_t count) {
   const uintptr_t first = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(at) * sizeof(T);
-  const uintptr_t end = first + static_cast<uintptr_t>(count) * sizeof(T);
-  for (uintptr_t line = first & ~uintptr_t{63}; line < end; line += 64) {
-    __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 3);
+  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(T)); b += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(first + b), 0, 3);
   }
 }
 
