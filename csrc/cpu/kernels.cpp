@@ -768,59 +768,58 @@ constexpr int64_t kTile = 4096;
 // in between: tensor-wise steps took 1.15-1.2x as long on one core.)
 constexpr int64_t kWriteTile = 256;
 
-#ifdef ADAGRAD8_VECTOR_CODES
-// The body of update_tile's vector loop: the kDecodeWidth elements at j of a tile (pointers at the
-// tile's start). With WriteParams the new sums go to s[j...]; either way they raise vmax.
+// The new accumulator values of the len elements at i0, from codes under old_absmax. With
+// WriteParams they go into s and the parameters are updated; without, s is scratch (the max
+// pass). Returns the largest finite new value (the block scale's candidate, ALGORITHM.md §6).
 template <typename T, bool WriteParams>
-inline void update_chunk(T* param, const T* grad, const uint8_t* codes, int64_t j, bool read_params, const fVec& scale,
-                         const MapDecoder& map, const StepConfig& c, const Lanes& k, float* s, fVec& vmax) {
-  constexpr int64_t kWidth = MapDecoder::kDecodeWidth;
-  static_assert(kWidth % kLane<T> == 0);
-  prefetch(grad, j + kPrefetch, kWidth);
-  if (read_params) prefetch(param, j + kPrefetch, kWidth);
-  prefetch(codes, j + kPrefetch, kWidth);
-  fVec sv[kWidth / fVec::size()];
-  map.decode(codes + j, sv);
-  for (int64_t c0 = 0; c0 < kWidth; c0 += kLane<T>) {
-    fVec p[kParts<T>], g[kParts<T>];
-    if (read_params) load_float(param + j + c0, p);
-    load_float(grad + j + c0, g);
-    for (int q = 0; q < kParts<T>; ++q) {
-      fVec& sq = sv[c0 / fVec::size() + q];
-      sq = sq * scale;
-      if constexpr (WriteParams) {
-        update_vec(p[q], g[q], sq, c, k);
-        sq.store(s + j + c0 + q * fVec::size());
-      } else {  // the max pass keeps nothing but the max
-        accumulate_vec(p[q], g[q], sq, c, k);
-      }
-      vmax = max_finite_abs(vmax, sq);
-    }
-    if constexpr (WriteParams) store_float(param + j + c0, p);
-  }
-}
-
-inline float max_lane(const fVec& v) {
-  alignas(64) float lanes[fVec::size()];
-  v.store(lanes);
-  float m = 0.0f;
-  for (float x : lanes) m = std::max(m, x);
-  return m;
-}
-#endif
-
-// update_tile's per-element loop over [j, len), from `m`, the max so far.
-template <typename T, bool WriteParams>
-float update_elements(const Call& call, const Item& it, int64_t i0, int64_t j, int64_t len, float old_absmax, float* s,
-                      float m) {
+float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, float old_absmax, const Codebook& book,
+                  float* s) {
   T* param = static_cast<T*>(it.param) + i0;
   const T* grad = static_cast<const T*>(it.grad) + i0;
   const uint8_t* codes = it.codes + i0;
-  const StepConfig c = call.config;
+  const float* qmap = call.qmap;
+  const StepConfig c = call.config;  // a local copy: stores through s and param cannot change it
   const bool read_params = WriteParams || c.weight_decay != 0.0f;
+  int64_t j = 0;
+  float m = 0.0f;
+#ifdef ADAGRAD8_VECTOR_CODES
+  const Lanes k(c, it);
+  const fVec scale(old_absmax);
+  const MapDecoder& map = book.decoder;
+  constexpr int64_t kWidth = MapDecoder::kDecodeWidth;
+  static_assert(kWidth % kLane<T> == 0);
+  fVec vmax(0.0f);
+  for (; j + kWidth <= len; j += kWidth) {
+    prefetch(grad, j + kPrefetch, kWidth);
+    if (read_params) prefetch(param, j + kPrefetch, kWidth);
+    prefetch(codes, j + kPrefetch, kWidth);
+    fVec sv[kWidth / fVec::size()];
+    map.decode(codes + j, sv);
+    for (int64_t c0 = 0; c0 < kWidth; c0 += kLane<T>) {
+      fVec p[kParts<T>], g[kParts<T>];
+      if (read_params) load_float(param + j + c0, p);
+      load_float(grad + j + c0, g);
+      for (int q = 0; q < kParts<T>; ++q) {
+        fVec& sq = sv[c0 / fVec::size() + q];
+        sq = sq * scale;
+        if constexpr (WriteParams) {
+          update_vec(p[q], g[q], sq, c, k);
+          sq.store(s + j + c0 + q * fVec::size());
+        } else {  // the max pass keeps nothing but the max
+          accumulate_vec(p[q], g[q], sq, c, k);
+        }
+        vmax = max_finite_abs(vmax, sq);
+      }
+      if constexpr (WriteParams) store_float(param + j + c0, p);
+    }
+  }
+  alignas(64) float lanes[fVec::size()];
+  vmax.store(lanes);
+  for (float v : lanes) m = std::max(m, v);
+#endif
   for (; j < len; ++j) {
     float p = read_params ? static_cast<float>(param[j]) : 0.0f;
-    s[j] = dequantize(codes[j], call.qmap, old_absmax);
+    s[j] = dequantize(codes[j], qmap, old_absmax);
     if constexpr (WriteParams) {
       update_one(p, static_cast<float>(grad[j]), s[j], c, it);
       param[j] = static_cast<T>(p);
@@ -830,28 +829,6 @@ float update_elements(const Call& call, const Item& it, int64_t i0, int64_t j, i
     m = std::max(m, scale_candidate(s[j]));
   }
   return m;
-}
-
-// The new accumulator values of the len elements at i0, from codes under old_absmax. With
-// WriteParams they go into s and the parameters are updated; without, s is scratch (the max
-// pass). Returns the largest finite new value (the block scale's candidate, ALGORITHM.md §6).
-template <typename T, bool WriteParams>
-float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, float old_absmax, const Codebook& book,
-                  float* s) {
-  int64_t j = 0;
-  float m = 0.0f;
-#ifdef ADAGRAD8_VECTOR_CODES
-  const StepConfig c = call.config;  // a local copy: stores through s and param cannot change it
-  const Lanes k(c, it);
-  const fVec scale(old_absmax);
-  fVec vmax(0.0f);
-  for (; j + MapDecoder::kDecodeWidth <= len; j += MapDecoder::kDecodeWidth) {
-    update_chunk<T, WriteParams>(static_cast<T*>(it.param) + i0, static_cast<const T*>(it.grad) + i0, it.codes + i0, j,
-                                 WriteParams || c.weight_decay != 0.0f, scale, book.decoder, c, k, s, vmax);
-  }
-  m = max_lane(vmax);
-#endif
-  return update_elements<T, WriteParams>(call, it, i0, j, len, old_absmax, s, m);
 }
 
 // Codes of the len new accumulator values s of the elements at i0 under new_absmax. Everything
