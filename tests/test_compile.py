@@ -181,9 +181,12 @@ class TinyTransformer(torch.nn.Module):
         return self.head(self.encoder(self.embed(x)))
 
 
+TRANSFORMER_LR = 0.05
+
+
 def transformer_run(compiled: bool, steps: int = 20):
     model = TinyTransformer()
-    opt = A.Adagrad8bit(model.parameters(), lr=0.05, min_8bit_size=1024)  # both state kinds
+    opt = A.Adagrad8bit(model.parameters(), lr=TRANSFORMER_LR, min_8bit_size=1024)  # both state kinds
 
     def train_step(x, y):
         loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
@@ -200,7 +203,7 @@ def transformer_run(compiled: bool, steps: int = 20):
         assert explanation.graph_break_count == 0, explanation.break_reasons
         torch._dynamo.reset()
         model.load_state_dict(TinyTransformer().state_dict())  # explain ran one step
-        opt = A.Adagrad8bit(model.parameters(), lr=0.05, min_8bit_size=1024)
+        opt = A.Adagrad8bit(model.parameters(), lr=TRANSFORMER_LR, min_8bit_size=1024)
         train_step = torch.compile(train_step, fullgraph=True)
     losses = torch.stack([train_step(x, y) for x, y in data])
     return model, losses
@@ -224,9 +227,8 @@ def test_whole_training_step_is_one_graph_and_matches_eager():
     assert losses_e[-5:].mean() < losses_e[:5].mean() * 0.8  # it trains
     torch.testing.assert_close(losses_c[:5], losses_e[:5], rtol=1e-4, atol=1e-5)  # before the drift
     torch.testing.assert_close(losses_c, losses_e, rtol=5e-3, atol=1e-5)
-    lr = 0.05
     for (name, a), b in zip(model_c.named_parameters(), model_e.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0.5 * lr, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=0, atol=0.5 * TRANSFORMER_LR, msg=lambda m, name=name: f"{name}: {m}")
     weights_c = torch.cat([p.detach().flatten() for p in model_c.parameters()])
     weights_e = torch.cat([p.detach().flatten() for p in model_e.parameters()])
     assert (weights_c - weights_e).norm() <= 1e-2 * weights_e.norm()

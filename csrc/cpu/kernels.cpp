@@ -1029,13 +1029,14 @@ float max_range(const Call& call, const Item& it, int64_t begin, int64_t end, fl
     const T* grad = static_cast<const T*>(it.grad);
     const StepConfig c = call.config;
     const Lanes k(c, it);
+    const bool read_params = c.weight_decay != 0.0f;  // only weight decay needs them here
     for (; i + kGroup <= end; i += kGroup) {
       fVec square(0.0f);  // per lane, the largest finite g * g
       for (int64_t j = i; j < i + kGroup; j += kLane<T>) {
         prefetch(grad, j + kPrefetch, kLane<T>);
-        if (c.weight_decay != 0.0f) prefetch(param, j + kPrefetch, kLane<T>);
+        if (read_params) prefetch(param, j + kPrefetch, kLane<T>);
         fVec p[kParts<T>], g[kParts<T>];
-        if (c.weight_decay != 0.0f) load_float(param + j, p);
+        if (read_params) load_float(param + j, p);
         load_float(grad + j, g);
         for (int q = 0; q < kParts<T>; ++q) {
           const fVec e = grad_vec(p[q], g[q], c, k);
