@@ -191,19 +191,22 @@ torch.save(cases, sys.argv[2])
 """
 
 
-# The CPU kernel variants and the environment that picks each (ops_cpu.cpp). Where this CPU lacks
-# an instruction set, torch or ops_cpu.cpp falls back to the next one and the run repeats it.
+# The CPU kernel variants and the environment that picks each (ops_cpu.cpp): the instruction set
+# and, under AVX-512, the way new codes are found (register permutes or a gather). Where this CPU
+# lacks an instruction set, torch or ops_cpu.cpp falls back to the next one and the run repeats it.
 KERNEL_VARIANTS = {
     "default": dict(ATEN_CPU_CAPABILITY="default"),
     "avx2": dict(ATEN_CPU_CAPABILITY="avx2"),
-    "avx512": dict(ATEN_CPU_CAPABILITY="avx512", ADAGRAD8_NO_VBMI="1"),
-    "avx512_vbmi": dict(ATEN_CPU_CAPABILITY="avx512"),
+    "avx512": dict(ATEN_CPU_CAPABILITY="avx512", ADAGRAD8_NO_VBMI="1", ADAGRAD8_CODE_SEARCH="permute"),
+    "avx512_gather": dict(ATEN_CPU_CAPABILITY="avx512", ADAGRAD8_NO_VBMI="1", ADAGRAD8_CODE_SEARCH="gather"),
+    "avx512_vbmi": dict(ATEN_CPU_CAPABILITY="avx512", ADAGRAD8_CODE_SEARCH="permute"),
+    "avx512_vbmi_gather": dict(ATEN_CPU_CAPABILITY="avx512", ADAGRAD8_CODE_SEARCH="gather"),
 }
 
 
 def test_instruction_sets_give_identical_bits(tmp_path):
-    """The AVX512 (with and without byte permutes), AVX2 and scalar builds of the CPU kernels agree
-    bit for bit.
+    """The AVX512 (with and without byte permutes, finding codes by permutes and by gathers), AVX2
+    and scalar builds of the CPU kernels agree bit for bit.
 
     Inputs are made here and shipped to each subprocess: torch's own random generators give
     different bits under different ATEN_CPU_CAPABILITY settings.
@@ -404,9 +407,23 @@ def test_map_changes_between_calls():
             check_against_reference(case)
 
 
-@pytest.mark.parametrize("cap", ["default", "avx2", "avx512"])
+def test_unknown_code_search_is_ignored_with_a_warning(tmp_path):
+    """An ADAGRAD8_CODE_SEARCH other than gather or permute warns and leaves the CPU's own choice."""
+    case = make_case([(5000,)], torch.float32, "blockwise")
+    torch.save([(case.kind, case.args, case.kwargs)], tmp_path / "in.pt")
+    run = subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                         env=dict(os.environ, ADAGRAD8_CODE_SEARCH="fastest"), cwd=tmp_path, capture_output=True,
+                         text=True, check=True)
+    assert "ADAGRAD8_CODE_SEARCH='fastest' is neither 'gather' nor 'permute': ignored" in run.stderr
+    (kind, args, kwargs), = torch.load(tmp_path / "out.pt", weights_only=False)
+    case.run()
+    assert_same(Case(kind, args, kwargs), case)
+
+
+@pytest.mark.parametrize("cap", list(KERNEL_VARIANTS))
 def test_map_changes_between_calls_on_other_instruction_sets(cap):
-    """The same under the kernels this machine does not pick by itself (their tables differ)."""
+    """The same under each kernel variant, those this machine does not pick by itself too (their
+    tables differ)."""
     test = f"{__file__}::test_map_changes_between_calls"
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], check=True,
                    env=dict(os.environ, **KERNEL_VARIANTS[cap]), cwd=os.path.dirname(__file__))

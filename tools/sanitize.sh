@@ -4,7 +4,7 @@
 # CPU only) into build/sanitize/site, never into the environment's site-packages, then runs the
 # op-level tests against it with the sanitizer runtimes preloaded into Python, once per CPU kernel variant
 # (ATEN_CPU_CAPABILITY default, avx2, avx512 where this CPU has them; under avx512 also with
-# ADAGRAD8_NO_VBMI=1 where the CPU has AVX512-VBMI). Any sanitizer report or
+# ADAGRAD8_CODE_SEARCH=permute and =gather, with ADAGRAD8_NO_VBMI=1 where the CPU has AVX512-VBMI). Any sanitizer report or
 # test failure fails the script.
 #
 #   bash tools/sanitize.sh               # with .venv/cpu (made by tools/setup-env.sh), as tools/test.sh
@@ -148,11 +148,18 @@ for cap in "${caps[@]}"; do
     run_pytest "$cap" "${kernel_tests[@]}" --deselect "tests/test_numerics.py::$once_only" "$@"
   fi
 done
-# Under avx512, ops_cpu.cpp picks the kernels with byte permutes where the CPU has AVX512-VBMI (the
-# runs above); ADAGRAD8_NO_VBMI picks the plain AVX512 ones.
-if [[ "$best" == avx512 && " $flags " == *" avx512vbmi "* ]]; then
-  echo "[sanitize] ADAGRAD8_NO_VBMI=1: the plain AVX512 kernels"
-  (export ADAGRAD8_NO_VBMI=1; run_pytest avx512 "${kernel_tests[@]}" --deselect "tests/test_numerics.py::$once_only" "$@") || exit 1
-  caps+=("avx512 without VBMI")
+# Under avx512, ops_cpu.cpp picks the kernels with byte permutes where the CPU has AVX512-VBMI, and
+# finds codes by gathers or by register permutes as suits the CPU (the runs above). Also: the plain
+# AVX512 kernels (ADAGRAD8_NO_VBMI) with each way of finding codes (ADAGRAD8_CODE_SEARCH).
+if [[ "$best" == avx512 ]]; then
+  no_vbmi=
+  [[ " $flags " == *" avx512vbmi "* ]] && no_vbmi=1
+  for search in permute gather; do
+    echo "[sanitize] ADAGRAD8_CODE_SEARCH=$search${no_vbmi:+ ADAGRAD8_NO_VBMI=1}"
+    (export ADAGRAD8_CODE_SEARCH=$search
+     [ -n "$no_vbmi" ] && export ADAGRAD8_NO_VBMI=1
+     run_pytest avx512 "${kernel_tests[@]}" --deselect "tests/test_numerics.py::$once_only" "$@") || exit 1
+    caps+=("avx512${no_vbmi:+ without VBMI} with $search")
+  done
 fi
 echo "[sanitize] clean under ASan and UBSan (${caps[*]}): tests took $((SECONDS - total)) s"

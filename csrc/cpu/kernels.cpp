@@ -168,8 +168,9 @@ void fp32_range(const Item& it, const StepConfig& c, int64_t begin, int64_t end)
 // ---- 8-bit state: vector helpers ---------------------------------------------------------
 //
 // The 8-bit loops decode codes with a MapDecoder (the map in registers on AVX-512, a gather on
-// AVX2) and find new codes with a CodeCounter (AVX-512: register permutes) or through a gather from
-// a bucket table (Buckets below: AVX2, and AVX-512 lanes the counter leaves to it). at::vec lacks
+// AVX2) and find new codes through a gather from a bucket table (Buckets below: AVX2, and AVX-512
+// where Call::gather_codes says gathers are fast) or with a CodeCounter (AVX-512: register permutes,
+// for CPUs with slow gathers). at::vec lacks
 // byte<->int32 lane conversions, integer gathers and these lookups, so they are written per
 // instruction set here.
 
@@ -489,7 +490,8 @@ class Buckets {
 // [0, 1] without a gather, in 16-bit lanes. A line per quarter binade of x estimates the count to
 // within one below, and one comparison with the change point above the estimate, both tables held
 // in registers, settles it. (The bucket table's gather, microcoded on Zen 4, took 0.31 of the 1.0 ns
-// per element of a block-wise step: measured by putting a register permute in its place.)
+// per element of a block-wise step: measured by putting a register permute in its place. On Intel
+// Xeon the gather is the faster of the two: Call::gather_codes.)
 //
 // The line is not trusted: build() checks that the estimate e of every float x in [0, 1] has
 // count(x) - 1 <= e <= count(x). Within a bucket both are nondecreasing in x, so checking the ends
@@ -835,7 +837,8 @@ float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, flo
 // the loop reads is copied into locals first: code stores are uint8_t, which may alias anything,
 // and would otherwise make the compiler reload it after every store.
 template <bool Stochastic>
-void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, const Codebook& book, const float* s) {
+void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, const Codebook& book, const float* s,
+                 bool gather) {
   uint8_t* const codes = it.codes + i0;
   const uint64_t stream = it.stream;
   const auto encode_one = [&book, codes, s, i0, new_absmax, stream](int64_t e) {
@@ -891,10 +894,11 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
     }
   };
 #if defined(CPU_CAPABILITY_AVX512)
-  // The counter's stages, each in a loop of its own over at most kStage values with its tables in
-  // registers (the loops copy them into locals): the estimate, then the count; with stochastic
-  // rounding, then the neighbours' values and the rounding. Groups of W values with lanes that the
-  // counter cannot count are encoded again through encode_group at the end.
+  // Over at most kStage values at a time: the counts, either from the bucket table (gather) or in the
+  // counter's two stages, each in a loop of its own with its tables in registers (the loops copy them
+  // into locals), the estimate and then the count; with stochastic rounding, then the neighbours'
+  // values and the rounding. Groups of W values with lanes that neither can count are encoded again
+  // through encode_group at the end.
   constexpr int64_t kStage = 256;
   alignas(64) uint16_t est[kStage], his[kStage], los[kStage];
   alignas(64) float us[Stochastic ? kStage : 1], xs[Stochastic ? kStage : 1];  // u and x (stochastic)
@@ -906,33 +910,54 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
       continue;
     }
     uint64_t redo = 0;  // bit g: the group at j + W * g
-    {
-      const CodeCounter::LineRegs line = book.counter.line_regs();
+    if (gather) {  // the counts from the bucket table, 16 lanes per gather
       for (int64_t g = 0; g < n; g += W) {
         const fVec x[2] = {load(j + g), load(j + g + V)};
-        __m512i hi, lo;
-        __mmask32 other;
-        _mm512_store_si512(est + g, CodeCounter::estimate(line, x, hi, lo, other));
-        _mm512_store_si512(his + g, hi);
-        _mm512_store_si512(los + g, lo);
-        redo |= static_cast<uint64_t>(other != 0) << (g / W);
-        if constexpr (Stochastic) {  // u, and x (dividing again by the scale costs more)
+        LaneMask search[2];
+        const iVec count[2] = {book.buckets.count(x[0], search[0]), book.buckets.count(x[1], search[1])};
+        redo |= static_cast<uint64_t>(any_lane(search[0] | search[1])) << (g / W);
+        if constexpr (Stochastic) {  // as words in lane order, capped at 254 as below
+          const __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(count[0])),
+                                                   _mm512_cvtepi32_epi16(count[1]), 1);
+          _mm512_store_si512(est + g, _mm512_min_epu16(words, _mm512_set1_epi16(254)));
           uniform(j + g).store(us + g);
           uniform(j + g + V).store(us + g + V);
           x[0].store(xs + g);
           x[1].store(xs + g + V);
+        } else {
+          store_codes(codes + j + g, count[0]);
+          store_codes(codes + j + g + V, count[1]);
         }
       }
-    }
-    {
-      const CodeCounter::ThresholdRegs thr = book.counter.threshold_regs();
-      for (int64_t g = 0; g < n; g += W) {
-        const __m512i count = CodeCounter::settle(thr, _mm512_load_si512(est + g), _mm512_load_si512(his + g),
-                                                  _mm512_load_si512(los + g));
-        if constexpr (Stochastic) {  // the code below x (lo) or above (lo + 1)
-          _mm512_store_si512(est + g, _mm512_min_epu16(count, _mm512_set1_epi16(254)));
-        } else {
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + j + g), _mm512_cvtepi16_epi8(count));
+    } else {  // the counter
+      {
+        const CodeCounter::LineRegs line = book.counter.line_regs();
+        for (int64_t g = 0; g < n; g += W) {
+          const fVec x[2] = {load(j + g), load(j + g + V)};
+          __m512i hi, lo;
+          __mmask32 other;
+          _mm512_store_si512(est + g, CodeCounter::estimate(line, x, hi, lo, other));
+          _mm512_store_si512(his + g, hi);
+          _mm512_store_si512(los + g, lo);
+          redo |= static_cast<uint64_t>(other != 0) << (g / W);
+          if constexpr (Stochastic) {  // u, and x (dividing again by the scale costs more)
+            uniform(j + g).store(us + g);
+            uniform(j + g + V).store(us + g + V);
+            x[0].store(xs + g);
+            x[1].store(xs + g + V);
+          }
+        }
+      }
+      {
+        const CodeCounter::ThresholdRegs thr = book.counter.threshold_regs();
+        for (int64_t g = 0; g < n; g += W) {
+          const __m512i count = CodeCounter::settle(thr, _mm512_load_si512(est + g), _mm512_load_si512(his + g),
+                                                    _mm512_load_si512(los + g));
+          if constexpr (Stochastic) {  // the code below x (lo) or above (lo + 1)
+            _mm512_store_si512(est + g, _mm512_min_epu16(count, _mm512_set1_epi16(254)));
+          } else {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + j + g), _mm512_cvtepi16_epi8(count));
+          }
         }
       }
     }
@@ -989,9 +1014,9 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
 inline void encode_tile(const Call& call, const Item& it, int64_t i0, int64_t len, float new_absmax,
                         const Codebook& book, const float* s) {
   if (call.stochastic) {
-    encode_tile<true>(it, i0, len, new_absmax, book, s);
+    encode_tile<true>(it, i0, len, new_absmax, book, s, call.gather_codes);
   } else {
-    encode_tile<false>(it, i0, len, new_absmax, book, s);
+    encode_tile<false>(it, i0, len, new_absmax, book, s, call.gather_codes);
   }
 }
 

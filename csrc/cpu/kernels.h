@@ -34,6 +34,9 @@ struct Call {
   std::vector<Item> items;
   const float* qmap = nullptr;  // 256 entries (step.quantized)
   bool stochastic = false;
+  // AVX-512: count a value's code with one gather from the bucket table instead of the counter's
+  // register permutes (which is faster depends on the CPU: ops_cpu.cpp's gather_codes()).
+  bool gather_codes = false;
 };
 
 #define ADAGRAD8_DECLARE_CPU_KERNELS(ns) \

@@ -39,6 +39,23 @@ const Kernels& kernels() {
   return chosen;
 }
 
+// How the AVX-512 kernels find new codes: one gather from a bucket table per 16 values, or the
+// counter's two-register permutes (kernels.cpp). Both give the same codes (tests/test_numerics.py
+// compares them). AMD Zen 4 microcodes gathers, and the counter was made to avoid them there; on
+// Intel Xeon a gather takes about 10 cycles while the counter's permutes queue on one port, and the
+// gather is the faster (docs/performance.md). ADAGRAD8_CODE_SEARCH=gather or =permute overrides.
+bool gather_codes() {
+  static const bool chosen = [] {
+    const char* forced = std::getenv("ADAGRAD8_CODE_SEARCH");
+    const std::string value = forced != nullptr ? forced : "";
+    if (value == "gather" || value == "permute") return value == "gather";
+    // (a warning, not an error: by the time a step reads this, the optimizer has counted the step)
+    if (!value.empty()) TORCH_WARN("ADAGRAD8_CODE_SEARCH='", value, "' is neither 'gather' nor 'permute': ignored");
+    return !__builtin_cpu_is("amd");
+  }();
+  return chosen;
+}
+
 Dtype dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kHalf: return Dtype::kHalf;
@@ -93,6 +110,7 @@ void step_quantized_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   Call call = make_call(params, grads, steps, lr, lr_decay, weight_decay, eps, maximize, gnorm_scales, skip_zeros,
                         seeds);
   call.qmap = qmap.const_data_ptr<float>();
+  call.gather_codes = gather_codes();
   for (size_t i = 0; i < params.size(); ++i) {
     Item& it = call.items[i];
     it.codes = codes[i].data_ptr<uint8_t>();
