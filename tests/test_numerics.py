@@ -204,6 +204,12 @@ KERNEL_VARIANTS = {
 }
 
 
+def variant_env(**env):
+    """This process's environment without its own kernel choices, plus env."""
+    kept = {k: v for k, v in os.environ.items() if k not in ("ADAGRAD8_NO_VBMI", "ADAGRAD8_CODE_SEARCH")}
+    return dict(kept, **env)
+
+
 def test_instruction_sets_give_identical_bits(tmp_path):
     """The AVX512 (with and without byte permutes, finding codes by permutes and by gathers), AVX2
     and scalar builds of the CPU kernels agree bit for bit.
@@ -221,7 +227,7 @@ def test_instruction_sets_give_identical_bits(tmp_path):
     for cap, env in KERNEL_VARIANTS.items():
         out = tmp_path / f"{cap}.pt"
         subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT, str(tmp_path / "in.pt"), str(out)],
-                       check=True, env=dict(os.environ, **env), cwd=tmp_path)
+                       check=True, env=variant_env(**env), cwd=tmp_path)
         results[cap] = [Case(kind, args, kwargs) for kind, args, kwargs in torch.load(out, weights_only=False)]
     for cap in list(KERNEL_VARIANTS)[1:]:
         for a, b in zip(results["default"], results[cap]):
@@ -408,11 +414,12 @@ def test_map_changes_between_calls():
 
 
 def test_unknown_code_search_is_ignored_with_a_warning(tmp_path):
-    """An ADAGRAD8_CODE_SEARCH other than gather or permute warns and leaves the CPU's own choice."""
+    """An ADAGRAD8_CODE_SEARCH other than gather or permute warns and is ignored. (Both ways of finding
+    codes give the same bits, so that the CPU's own way is the one taken is not seen here.)"""
     case = make_case([(5000,)], torch.float32, "blockwise")
     torch.save([(case.kind, case.args, case.kwargs)], tmp_path / "in.pt")
     run = subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                         env=dict(os.environ, ADAGRAD8_CODE_SEARCH="fastest"), cwd=tmp_path, capture_output=True,
+                         env=variant_env(ADAGRAD8_CODE_SEARCH="fastest"), cwd=tmp_path, capture_output=True,
                          text=True, check=True)
     assert "ADAGRAD8_CODE_SEARCH='fastest' is neither 'gather' nor 'permute': ignored" in run.stderr
     (kind, args, kwargs), = torch.load(tmp_path / "out.pt", weights_only=False)
@@ -420,13 +427,20 @@ def test_unknown_code_search_is_ignored_with_a_warning(tmp_path):
     assert_same(Case(kind, args, kwargs), case)
 
 
+# The tests of the code lookups' edges (map values, midpoints, bucket edges, non-finite values,
+# maps changed between calls), which this process runs under the kernels the machine picks.
+LOOKUP_TESTS = ["test_map_changes_between_calls", "test_every_rounding_edge_matches_reference",
+                "test_any_sorted_map_matches_reference", "test_lookup_edge_lanes_match_reference",
+                "test_exact_midpoints_and_map_values_in_the_kernel", "test_non_finite_gradient_stays_in_its_element"]
+
+
 @pytest.mark.parametrize("cap", list(KERNEL_VARIANTS))
-def test_map_changes_between_calls_on_other_instruction_sets(cap):
-    """The same under each kernel variant, those this machine does not pick by itself too (their
-    tables differ)."""
-    test = f"{__file__}::test_map_changes_between_calls"
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], check=True,
-                   env=dict(os.environ, **KERNEL_VARIANTS[cap]), cwd=os.path.dirname(__file__))
+def test_lookups_under_every_kernel_variant(cap):
+    """The lookup tests again under each kernel variant, those this machine does not pick by itself
+    too (their tables and paths differ)."""
+    tests = [f"{__file__}::{name}" for name in LOOKUP_TESTS]
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], check=True,
+                   env=variant_env(**KERNEL_VARIANTS[cap]), cwd=os.path.dirname(__file__))
 
 
 def wide_range_cases():

@@ -4,8 +4,8 @@
 # CPU only) into build/sanitize/site, never into the environment's site-packages, then runs the
 # op-level tests against it with the sanitizer runtimes preloaded into Python, once per CPU kernel variant
 # (ATEN_CPU_CAPABILITY default, avx2, avx512 where this CPU has them; under avx512 also with
-# ADAGRAD8_CODE_SEARCH=permute and =gather, with ADAGRAD8_NO_VBMI=1 where the CPU has AVX512-VBMI). Any sanitizer report or
-# test failure fails the script.
+# ADAGRAD8_CODE_SEARCH=permute and =gather, and with ADAGRAD8_NO_VBMI=1 where the CPU has
+# AVX512-VBMI). Any sanitizer report or test failure fails the script.
 #
 #   bash tools/sanitize.sh               # with .venv/cpu (made by tools/setup-env.sh), as tools/test.sh
 #   bash tools/sanitize.sh VENV_DIR      # another environment with torch and the test tools
@@ -78,6 +78,7 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:abort_on_error=1"
 # library) off sys.path.
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1  # no __pycache__ left in the source tree's tests/
+unset ADAGRAD8_NO_VBMI ADAGRAD8_CODE_SEARCH  # the runs below set the kernel choices themselves
 
 # ---- 3. the tests, under each CPU kernel variant (ops_cpu.cpp picks one from
 # at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY).
@@ -149,17 +150,20 @@ for cap in "${caps[@]}"; do
   fi
 done
 # Under avx512, ops_cpu.cpp picks the kernels with byte permutes where the CPU has AVX512-VBMI, and
-# finds codes by gathers or by register permutes as suits the CPU (the runs above). Also: the plain
-# AVX512 kernels (ADAGRAD8_NO_VBMI) with each way of finding codes (ADAGRAD8_CODE_SEARCH).
+# finds codes by gathers or by register permutes as suits the CPU (the runs above). Also: each way of
+# finding codes (ADAGRAD8_CODE_SEARCH) with those kernels, and the plain AVX512 kernels
+# (ADAGRAD8_NO_VBMI) with the CPU's own way.
 if [[ "$best" == avx512 ]]; then
-  no_vbmi=
-  [[ " $flags " == *" avx512vbmi "* ]] && no_vbmi=1
   for search in permute gather; do
-    echo "[sanitize] ADAGRAD8_CODE_SEARCH=$search${no_vbmi:+ ADAGRAD8_NO_VBMI=1}"
+    echo "[sanitize] ADAGRAD8_CODE_SEARCH=$search"
     (export ADAGRAD8_CODE_SEARCH=$search
-     [ -n "$no_vbmi" ] && export ADAGRAD8_NO_VBMI=1
      run_pytest avx512 "${kernel_tests[@]}" --deselect "tests/test_numerics.py::$once_only" "$@") || exit 1
-    caps+=("avx512${no_vbmi:+ without VBMI} with $search")
+    caps+=("avx512 with $search")
   done
+  if [[ " $flags " == *" avx512vbmi "* ]]; then
+    echo "[sanitize] ADAGRAD8_NO_VBMI=1: the plain AVX512 kernels"
+    (export ADAGRAD8_NO_VBMI=1; run_pytest avx512 "${kernel_tests[@]}" --deselect "tests/test_numerics.py::$once_only" "$@") || exit 1
+    caps+=("avx512 without VBMI")
+  fi
 fi
 echo "[sanitize] clean under ASan and UBSan (${caps[*]}): tests took $((SECONDS - total)) s"

@@ -170,7 +170,7 @@ void fp32_range(const Item& it, const StepConfig& c, int64_t begin, int64_t end)
 // The 8-bit loops decode codes with a MapDecoder (the map in registers on AVX-512, a gather on
 // AVX2) and find new codes through a gather from a bucket table (Buckets below: AVX2, and AVX-512
 // where Call::gather_codes says gathers are fast) or with a CodeCounter (AVX-512: register permutes,
-// for CPUs with slow gathers). at::vec lacks
+// for CPUs with slow gathers; the lanes it cannot count take the bucket table). at::vec lacks
 // byte<->int32 lane conversions, integer gathers and these lookups, so they are written per
 // instruction set here.
 
@@ -871,7 +871,8 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
       for (int64_t k = 0; k < V; ++k) encode_one(e + k);
     }
   };
-  // The codes of the W values at e through the bucket table (AVX2; lanes the AVX-512 counter leaves).
+  // The codes of the W values at e through the bucket table (AVX2; on AVX-512 the groups that the
+  // loop below leaves: lanes outside [0, 1] or in a bucket that needs the search).
   const auto encode_group = [&](int64_t e) {
     if constexpr (Stochastic) {
       if (((i0 + e) >> 32) != ((i0 + e + W - 1) >> 32)) {  // the lanes straddle two 2^32-element spans

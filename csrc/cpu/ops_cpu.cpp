@@ -41,9 +41,10 @@ const Kernels& kernels() {
 
 // How the AVX-512 kernels find new codes: one gather from a bucket table per 16 values, or the
 // counter's two-register permutes (kernels.cpp). Both give the same codes (tests/test_numerics.py
-// compares them). AMD Zen 4 microcodes gathers, and the counter was made to avoid them there; on
-// Intel Xeon a gather takes about 10 cycles while the counter's permutes queue on one port, and the
-// gather is the faster (docs/performance.md). ADAGRAD8_CODE_SEARCH=gather or =permute overrides.
+// compares them). AMD Zen 4 microcodes gathers, and the counter was made to avoid them there (later
+// AMD CPUs are not measured and keep it); on Intel Xeon a gather takes about 10 cycles while the
+// counter's permutes queue on one port, and the gather is the faster (docs/performance.md).
+// ADAGRAD8_CODE_SEARCH=gather or =permute overrides (any other non-empty value warns).
 bool gather_codes() {
   static const bool chosen = [] {
     const char* forced = std::getenv("ADAGRAD8_CODE_SEARCH");
@@ -51,7 +52,11 @@ bool gather_codes() {
     if (value == "gather" || value == "permute") return value == "gather";
     // (a warning, not an error: by the time a step reads this, the optimizer has counted the step)
     if (!value.empty()) TORCH_WARN("ADAGRAD8_CODE_SEARCH='", value, "' is neither 'gather' nor 'permute': ignored");
+#if defined(__x86_64__) || defined(__i386__)
     return !__builtin_cpu_is("amd");
+#else
+    return false;  // no AVX-512 kernels here
+#endif
   }();
   return chosen;
 }
