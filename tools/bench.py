@@ -5,7 +5,8 @@
     python tools/bench.py --memory               # peak extra memory of one step, a process per case
 
 Peers: torch.optim.Adagrad (fused=True and foreach=False), and bitsandbytes' Adagrad32bit and
-Adagrad8bit when it is installed. Time mode times every optimizer of a case in alternation (so the
+Adagrad8bit when it is installed. Time mode times every optimizer of a case in alternation, in a
+shuffled order every round (so the
 machine's noise falls on all alike), prints ms per step, ns per element, effective GB/s (the bytes
 a step must move at least, over its time), that as % of this machine's in-place read+write
 bandwidth (measured in the same run; over 100% where a case fits in the caches) and the ratio
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -90,14 +92,20 @@ def min_bytes(params, state_bytes: int) -> int:
 
 
 def interleaved(steps: dict, reps: int, warmup: int, bar=None) -> dict:
-    """Median seconds per call of each step, timed in alternation (order flipped every round)."""
+    """Median seconds per call of each step, timed in alternation, in a new order every round.
+
+    (A fixed order made whatever follows bitsandbytes' steps slow: on the CI machine of 2026-12-03
+    the step timed right after them took up to twice as long. Shuffled, every optimizer follows
+    each other one equally often, and the median sees it in few rounds.)"""
     for step in steps.values():
         for _ in range(warmup):
             step()
     samples = {name: [] for name in steps}
-    order = list(steps)
-    for rep in range(reps):
-        for name in order if rep % 2 == 0 else order[::-1]:
+    shuffle = random.Random(0).shuffle  # the same orders in every run
+    for _ in range(reps):
+        order = list(steps)
+        shuffle(order)
+        for name in order:
             start = time.perf_counter()
             steps[name]()
             samples[name].append(time.perf_counter() - start)
