@@ -912,12 +912,13 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
     }
     uint64_t redo = 0;  // bit g: the group at j + W * g
     if (gather) {  // the counts from the bucket table, 16 lanes per gather
-      for (int64_t g = 0; g < n; g += W) {
-        const fVec x[2] = {load(j + g), load(j + g + V)};
-        LaneMask search[2];
-        const iVec count[2] = {book.buckets.count(x[0], search[0]), book.buckets.count(x[1], search[1])};
-        redo |= static_cast<uint64_t>(any_lane(search[0] | search[1])) << (g / W);
-        if constexpr (Stochastic) {  // as words in lane order, capped at 254 as below
+      if constexpr (Stochastic) {
+        for (int64_t g = 0; g < n; g += W) {
+          const fVec x[2] = {load(j + g), load(j + g + V)};
+          LaneMask search[2];
+          const iVec count[2] = {book.buckets.count(x[0], search[0]), book.buckets.count(x[1], search[1])};
+          redo |= static_cast<uint64_t>(any_lane(search[0] | search[1])) << (g / W);
+          // as words in lane order, capped at 254 as the counter's below
           const __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(count[0])),
                                                    _mm512_cvtepi32_epi16(count[1]), 1);
           _mm512_store_si512(est + g, _mm512_min_epu16(words, _mm512_set1_epi16(254)));
@@ -925,10 +926,9 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
           uniform(j + g + V).store(us + g + V);
           x[0].store(xs + g);
           x[1].store(xs + g + V);
-        } else {
-          store_codes(codes + j + g, count[0]);
-          store_codes(codes + j + g + V, count[1]);
         }
+      } else {  // the counts are the codes: encode_group's own path
+        for (int64_t g = 0; g < n; g += W) encode_group(j + g);
       }
     } else {  // the counter
       {
