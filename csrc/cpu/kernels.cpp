@@ -871,8 +871,9 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
       for (int64_t k = 0; k < V; ++k) encode_one(e + k);
     }
   };
-  // The codes of the W values at e through the bucket table (AVX2; on AVX-512 the groups that the
-  // loop below leaves: lanes outside [0, 1] or in a bucket that needs the search).
+  // The codes of the W values at e through the bucket table (AVX2; on AVX-512 nearest rounding with
+  // gathers, and the groups that the loop below leaves: lanes outside [0, 1] or in a bucket that
+  // needs the search).
   const auto encode_group = [&](int64_t e) {
     if constexpr (Stochastic) {
       if (((i0 + e) >> 32) != ((i0 + e + W - 1) >> 32)) {  // the lanes straddle two 2^32-element spans
