@@ -904,6 +904,14 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
   constexpr int64_t kStage = 256;
   alignas(64) uint16_t est[kStage], his[kStage], los[kStage];
   alignas(64) float us[Stochastic ? kStage : 1], xs[Stochastic ? kStage : 1];  // u and x (stochastic)
+  // Stochastic rounding's u and x of the group at j + g, for the rounding after the counts (x is kept:
+  // dividing again by the scale costs more).
+  const auto keep_for_rounding = [&](int64_t g, const fVec* x) {  // j: the loop's, below
+    uniform(j + g).store(us + g);
+    uniform(j + g + V).store(us + g + V);
+    x[0].store(xs + g);
+    x[1].store(xs + g + V);
+  };
   while (j + W <= len) {
     const int64_t n = std::min(kStage, (len - j) / W * W);
     if (Stochastic && ((i0 + j) >> 32) != ((i0 + j + n - 1) >> 32)) {  // rare: straddles two spans
@@ -923,10 +931,7 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
           const __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(count[0])),
                                                    _mm512_cvtepi32_epi16(count[1]), 1);
           _mm512_store_si512(est + g, _mm512_min_epu16(words, _mm512_set1_epi16(254)));
-          uniform(j + g).store(us + g);
-          uniform(j + g + V).store(us + g + V);
-          x[0].store(xs + g);
-          x[1].store(xs + g + V);
+          keep_for_rounding(g, x);
         }
       } else {  // the counts are the codes: encode_group's own path
         for (int64_t g = 0; g < n; g += W) encode_group(j + g);
@@ -942,12 +947,7 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
           _mm512_store_si512(his + g, hi);
           _mm512_store_si512(los + g, lo);
           redo |= static_cast<uint64_t>(other != 0) << (g / W);
-          if constexpr (Stochastic) {  // u, and x (dividing again by the scale costs more)
-            uniform(j + g).store(us + g);
-            uniform(j + g + V).store(us + g + V);
-            x[0].store(xs + g);
-            x[1].store(xs + g + V);
-          }
+          if constexpr (Stochastic) keep_for_rounding(g, x);
         }
       }
       {
