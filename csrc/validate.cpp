@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <ostream>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -49,18 +50,31 @@ std::string num_str(double v) {  // "%g", as Python's f"{v:g}"
 
 std::string at_index(const char* name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
 
+// An argument's name for a message, "params[3]" or "lr", written only when a check fails: the checks
+// run on every step, for every tensor, and building the strings cost more than the checks.
+struct Name {
+  const char* list;
+  int64_t index;  // -1: not a list
+};
+std::ostream& operator<<(std::ostream& os, const Name& n) {
+  os << n.list;
+  if (n.index >= 0) os << '[' << n.index << ']';
+  return os;
+}
+Name named(const char* name) { return {name, -1}; }
+Name named(const char* list, size_t i) { return {list, static_cast<int64_t>(i)}; }
+
 void check_lengths(const char* name, size_t n, size_t expected) {
   TORCH_CHECK_VALUE(n == expected, name, " has ", n, " tensors but params has ", expected);
 }
 
-void check_device(const std::string& name, const at::Tensor& t, const at::Tensor& ref,
-                  const std::string& ref_name = "params[0]") {
+void check_device(Name name, const at::Tensor& t, const at::Tensor& ref, Name ref_name = named("params", 0)) {
   TORCH_CHECK_VALUE(t.device() == ref.device(), name, " is on ", t.device().str(), " but ", ref_name, " is on ",
                     ref.device().str());
 }
 
 // A 0-dim or one-element tensor of the given dtype.
-void check_scalar(const std::string& name, const at::Tensor& t, at::ScalarType dtype) {
+void check_scalar(Name name, const at::Tensor& t, at::ScalarType dtype) {
   TORCH_CHECK_VALUE(t.layout() == at::kStrided, name, " is sparse; only dense tensors are supported");
   TORCH_CHECK_VALUE(t.scalar_type() == dtype && t.numel() == 1, name, " must hold one ", dtype_name(dtype),
                     " value, got ", dtype_name(t.scalar_type()), " with ", t.numel(), " elements");
@@ -71,8 +85,7 @@ void check_hyper(const char* name, double v) {
 }
 
 // state tensor i has the param's shape, the given dtype, and is contiguous.
-void check_like_param(const std::string& name, const at::Tensor& t, const at::Tensor& p, size_t i,
-                      at::ScalarType dtype) {
+void check_like_param(Name name, const at::Tensor& t, const at::Tensor& p, size_t i, at::ScalarType dtype) {
   TORCH_CHECK_VALUE(t.layout() == at::kStrided, name, " is sparse; only dense tensors are supported");
   TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, " has dtype ", dtype_name(t.scalar_type()),
                     " but must be ", dtype_name(dtype));
@@ -86,8 +99,8 @@ void check_optional_scalars(const char* name, const std::optional<at::TensorList
   if (!list.has_value()) return;
   check_lengths(name, list->size(), n);
   for (size_t i = 0; i < n; ++i) {
-    check_device(at_index(name, i), (*list)[i], ref);
-    check_scalar(at_index(name, i), (*list)[i], dtype);
+    check_device(named(name, i), (*list)[i], ref);
+    check_scalar(named(name, i), (*list)[i], dtype);
   }
 }
 
@@ -165,7 +178,7 @@ class Overlaps {
     const int order = next_++;
     if (t.numel() == 0) return;  // every argument is dense by now: it has a storage
     const int64_t begin = t.storage_offset() * static_cast<int64_t>(t.itemsize());
-    spans_.push_back({t.storage().unsafeGetStorageImpl(), begin,
+    spans_.push_back({t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl(), begin,
                       begin + t.numel() * static_cast<int64_t>(t.itemsize()), order, writes});
   }
 
@@ -198,16 +211,16 @@ void check_common(at::TensorList params, at::TensorList grads, const char* state
   check_lengths("grads", grads.size(), n);
   check_lengths(state_name, state.size(), n);
   check_lengths("steps", steps.size(), n);
-  check_scalar("lr", lr, at::kFloat);
+  check_scalar(named("lr"), lr, at::kFloat);
   check_hyper("lr_decay", lr_decay);
   check_hyper("weight_decay", weight_decay);
   check_hyper("eps", eps);
   if (n == 0) return;
   const at::Tensor& p0 = params[0];
-  check_device("lr", lr, p0);
+  check_device(named("lr"), lr, p0);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    const std::string pname = at_index("params", i);
+    const Name pname = named("params", i);
     check_device(pname, p, p0);
     TORCH_CHECK_VALUE(p.layout() == at::kStrided, pname, " is sparse; only dense tensors are supported");
     const auto dt = p.scalar_type();
@@ -216,11 +229,11 @@ void check_common(at::TensorList params, at::TensorList grads, const char* state
     TORCH_CHECK_VALUE(dt == p0.scalar_type(), pname, " has dtype ", dtype_name(dt), " but params[0] has dtype ",
                       dtype_name(p0.scalar_type()));
     TORCH_CHECK_VALUE(p.is_contiguous(), pname, " must be contiguous");
-    check_device(at_index("grads", i), grads[i], p0);
-    check_like_param(at_index("grads", i), grads[i], p, i, dt);
-    check_device(at_index(state_name, i), state[i], p0);
-    check_device(at_index("steps", i), steps[i], p0);
-    check_scalar(at_index("steps", i), steps[i], at::kFloat);
+    check_device(named("grads", i), grads[i], p0);
+    check_like_param(named("grads", i), grads[i], p, i, dt);
+    check_device(named(state_name, i), state[i], p0);
+    check_device(named("steps", i), steps[i], p0);
+    check_scalar(named("steps", i), steps[i], at::kFloat);
   }
   check_optional_scalars("gnorm_scales", gnorm_scales, n, p0, at::kFloat);
 }
@@ -230,7 +243,7 @@ void check_step(at::TensorList params, at::TensorList grads, at::TensorList stat
                 const std::optional<at::TensorList>& gnorm_scales) {
   check_common(params, grads, "state_sums", state_sums, steps, lr, lr_decay, weight_decay, eps, gnorm_scales);
   for (size_t i = 0; i < params.size(); ++i) {
-    check_like_param(at_index("state_sums", i), state_sums[i], params[i], i, at::kFloat);
+    check_like_param(named("state_sums", i), state_sums[i], params[i], i, at::kFloat);
   }
   Overlaps o;  // in argument order
   o.add("params", params, true);
@@ -254,10 +267,10 @@ void check_step_quantized(at::TensorList params, at::TensorList grads, at::Tenso
                     "qmap must be a contiguous float32 tensor of ", kMapSize, " elements, got ", dtype_name(qmap.scalar_type()),
                     " with ", qmap.numel(), " elements");
   if (n == 0) return;
-  check_device("qmap", qmap, params[0]);
+  check_device(named("qmap"), qmap, params[0]);
   for (size_t i = 0; i < n; ++i) {
-    check_like_param(at_index("codes", i), codes[i], params[i], i, at::kByte);
-    const std::string aname = at_index("absmax", i);
+    check_like_param(named("codes", i), codes[i], params[i], i, at::kByte);
+    const Name aname = named("absmax", i);
     check_device(aname, absmax[i], params[0]);
     const int64_t need = scale_count(params[i].numel(), block_size);
     TORCH_CHECK_VALUE(absmax[i].scalar_type() == at::kFloat && absmax[i].is_contiguous(), aname,
@@ -309,10 +322,10 @@ void check_percentile_clip(at::TensorList grads, at::TensorList gnorm_vecs, at::
   TORCH_CHECK_VALUE(steps.size() == n, "steps has ", steps.size(), " tensors but grads has ", n);
   TORCH_CHECK_VALUE(percentile >= 1 && percentile <= 99, "percentile must be in [1, 99], got ", percentile);
   for (size_t i = 0; i < n; ++i) {
-    const std::string gname = at_index("grads", i);
-    const std::string vname = at_index("gnorm_vecs", i);
+    const Name gname = named("grads", i);
+    const Name vname = named("gnorm_vecs", i);
     const at::Tensor& g = grads[i];
-    check_device(gname, g, grads[0], "grads[0]");
+    check_device(gname, g, grads[0], named("grads", 0));
     TORCH_CHECK_VALUE(g.layout() == at::kStrided, gname, " is sparse; only dense tensors are supported");
     const auto dt = g.scalar_type();
     TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, gname, " has dtype ",
@@ -322,8 +335,8 @@ void check_percentile_clip(at::TensorList grads, at::TensorList gnorm_vecs, at::
                           gnorm_vecs[i].numel() == kHistory && gnorm_vecs[i].is_contiguous(),
                       vname, " must be a contiguous float32 tensor of shape [", kHistory, "], got ",
                       dtype_name(gnorm_vecs[i].scalar_type()), " of shape ", shape_str(gnorm_vecs[i].sizes()));
-    check_device(at_index("steps", i), steps[i], g, gname);
-    check_scalar(at_index("steps", i), steps[i], at::kFloat);
+    check_device(named("steps", i), steps[i], g, gname);
+    check_scalar(named("steps", i), steps[i], at::kFloat);
   }
   Overlaps o;  // in argument order
   o.add("grads", grads, false);

@@ -122,13 +122,22 @@ class OpCall:
         self.op(*self.args, gnorm_scales=scales, **self.kwargs)
 
 
-def lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
+def lr_tensor(lr: float | Tensor, device: torch.device, cache: Optional[dict] = None) -> Tensor:
     """lr as the float32 tensor on device that the ops read. A float is added to zeros, not
     filled: torch.compile specializes a float given to fill_ (one recompile per new lr), while an
-    added one stays a graph input. 0 + lr rounds like fill_."""
+    added one stays a graph input. 0 + lr rounds like fill_. cache (eager callers that step
+    repeatedly, e.g. the optimizers) keeps the last float's tensor per device: making it costs two
+    tensor ops a step, which a step of small parameters feels (the ops only read it)."""
     if isinstance(lr, Tensor):
         return lr.to(device=device, dtype=torch.float32)
-    return torch.zeros((), dtype=torch.float32, device=device).add_(lr)
+    if cache is not None:
+        held = cache.get(device)
+        if held is not None and held[0] == lr:
+            return held[1]
+    t = torch.zeros((), dtype=torch.float32, device=device).add_(lr)
+    if cache is not None:
+        cache[device] = (lr, t)
+    return t
 
 
 def plan(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], *, lr: float | Tensor,
@@ -147,9 +156,10 @@ def plan(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dic
 def op_calls(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], *, lr: float | Tensor,
              lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10, maximize: bool = False,
              percentile_clipping: int = 100, skip_zeros: bool = False, block_size: int = 256,
-             stochastic_rounding: bool = False) -> list[OpCall]:
+             stochastic_rounding: bool = False, lr_cache: Optional[dict] = None) -> list[OpCall]:
     """plan without the overlap check across calls (each call is checked on its own): for a
-    caller that steps several plans and checks them together (check_overlaps)."""
+    caller that steps several plans and checks them together (check_overlaps). lr_cache: see
+    lr_tensor."""
     if not torch.compiler.is_compiling():  # a float lr is a graph input there: no value to check
         _checks.check_lr(lr)
     for key, value in (("lr_decay", lr_decay), ("weight_decay", weight_decay), ("eps", eps), ("maximize", maximize),
@@ -184,7 +194,7 @@ def op_calls(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence
             entries.append((qmap, [i]))
             calls.append(entries[-1][1])
     return [_op_call(params, grads, states, members, lr, lr_decay, weight_decay, eps, maximize, percentile_clipping,
-                     skip_zeros, block_size, stochastic_rounding) for members in calls]
+                     skip_zeros, block_size, stochastic_rounding, lr_cache) for members in calls]
 
 
 def check_overlaps(calls: Sequence[OpCall], offsets: Optional[Sequence[int]] = None) -> None:
@@ -215,12 +225,12 @@ def check_overlaps(calls: Sequence[OpCall], offsets: Optional[Sequence[int]] = N
 
 
 def _op_call(params, grads, states, members, lr, lr_decay, weight_decay, eps, maximize, percentile_clipping,
-             skip_zeros, block_size, stochastic_rounding) -> OpCall:
+             skip_zeros, block_size, stochastic_rounding, lr_cache) -> OpCall:
     ps = [params[i] for i in members]
     gs = [grads[i] for i in members]
     sts = [states[i] for i in members]
     steps = [s["step"] for s in sts]
-    hyper = dict(lr=lr_tensor(lr, ps[0].device), lr_decay=float(lr_decay), weight_decay=float(weight_decay),
+    hyper = dict(lr=lr_tensor(lr, ps[0].device, lr_cache), lr_decay=float(lr_decay), weight_decay=float(weight_decay),
                  eps=float(eps), maximize=maximize, skip_zeros=skip_zeros)
     gnorm_vecs = None
     if percentile_clipping < 100:

@@ -109,6 +109,7 @@ class Adagrad(torch.optim.Optimizer):
         self._step_called = [False]  # backs _opt_called
         self._maps: dict = {}  # (named map's builder or tensor id, device) -> the map tensor its states share
         self._map_sources: list = []  # custom map tensors, kept alive so that their ids stay keys
+        self._lr_tensors: dict = {}  # eager steps: (group, lr key) -> functional.lr_tensor's cache
         super().__init__(params, defaults)
         # state_dict(): the state of sharded (DTensor) parameters as one unsharded optimizer's, with
         # DTensors where it is sharded (torch_adagrad8.sharded; a collective for 8-bit state: every
@@ -264,13 +265,16 @@ class Adagrad(torch.optim.Optimizer):
         lr = config["lr"]
         return ("override", id(lr) if isinstance(lr, Tensor) else lr)
 
-    def _check_grads(self) -> list[tuple[int, int, dict, Tensor, dict, int]]:
-        """(group index, index in the group, group, param, config, flat index) of every parameter to step. Raises
-        before anything is written. A state's kind (8- or 32-bit) is fixed when it is created.
-        (Runs per parameter on every eager step: the common case is kept to a few attribute reads.)"""
+    def _check_grads(self) -> list[tuple[int, int, dict, Tensor, Tensor, Tensor, dict, Optional[dict], int]]:
+        """(group index, index in the group, group, param, the tensors the op steps for it (the local
+        param and its gradient as real numbers), config, state or None, flat index) of every parameter
+        to step. Raises before anything is written. A state's kind (8- or 32-bit) is fixed when it is
+        created; _prepare_call checks that it still fits the config. (Runs per parameter on every eager
+        step: the common case is kept to a few attribute reads and one state lookup.)"""
         todo = []
-        index = 0
+        index = -1
         overrides = self.mng.has_overrides()
+        states = self.state
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 index += 1
@@ -287,12 +291,11 @@ class Adagrad(torch.optim.Optimizer):
                 if p.dtype not in _PARAM_DTYPES:
                     self._check_dtype(gi, pi)
                 config = self.config_of(group, p) if overrides else group
+                local = p
                 if sharded.is_sharded(p):
                     self._check_sharded(gi, pi, config)
-                state = self.state.get(p)
-                if state and "state1" in state:
-                    self._check_state_fits(gi, pi, config)
-                todo.append((gi, pi, group, p, config, index - 1))
+                    local, g = p.to_local(), g.to_local()
+                todo.append((gi, pi, group, p, local, _real(g).contiguous(), config, states.get(p), index))
         return todo
 
     def _check_sharded(self, gi: int, pi: int, config: dict) -> None:
@@ -305,14 +308,10 @@ class Adagrad(torch.optim.Optimizer):
             raise ValueError(f"{self._name(gi, pi)} is sharded (a DTensor); percentile_clipping needs whole "
                              "gradient norms, which a shard does not have: use percentile_clipping=100")
 
-    def _check_state_fits(self, gi: int, pi: int, config: dict) -> None:
-        """A config changed after the state was made must not ask for what the state lacks."""
-        p = self.param_groups[gi]["params"][pi]
-        state = self.state.get(p)
-        if not state:
-            return
-        if "state1" in state and state["absmax1"].numel() != Q.scale_count(_real(sharded.local(p)).numel(),
-                                                                          self._block(config)):
+    def _check_state_fits(self, gi: int, pi: int, config: dict, state: dict, local: Tensor) -> None:
+        """A config changed after the 8-bit state was made must not ask for another block layout.
+        (The op's check finds it; this one, run when that fails, names the config that changed.)"""
+        if "absmax1" in state and state["absmax1"].numel() != Q.scale_count(_real(local).numel(), self._block(config)):
             raise ValueError(f"{self._name(gi, pi)}: its 8-bit state has {state['absmax1'].numel()} scales, which "
                              f"block_wise={config['block_wise']}, block_size={config['block_size']} does not give")
 
@@ -341,8 +340,8 @@ class Adagrad(torch.optim.Optimizer):
 
         calls: dict[tuple, list] = {}
         additions: dict[Tensor, dict] = {}  # new state entries, installed once every call is checked
-        for gi, pi, group, p, config, index in self._check_grads():
-            state = self.state.get(p)
+        group_keys: dict[int, tuple] = {}  # the key of a group's parameters that take its own config
+        for gi, pi, group, p, local, grad, config, state, index in self._check_grads():
             if state:
                 extra = self._missing_state(p, state, config, index)
                 if extra:
@@ -351,15 +350,16 @@ class Adagrad(torch.optim.Optimizer):
                 extra = state = self._new_state(p, config, index)
             if extra:
                 additions[p] = extra
-            # Parameters that share every constant of a step; functional.plan splits them further by
-            # device, dtype, state kind and map.
-            key = (gi, config["lr_decay"], config["weight_decay"], config["eps"], config["maximize"],
-                   config["skip_zeros"], config["percentile_clipping"], self._block(config),
-                   config["stochastic_rounding"], self._lr_key(group, p, config))
-            calls.setdefault(key, []).append((p, state, config, (gi, pi)))
+            if config is group:
+                key = group_keys.get(gi)
+                if key is None:
+                    key = group_keys[gi] = self._call_key(gi, group, p, config)
+            else:
+                key = self._call_key(gi, group, p, config)
+            calls.setdefault(key, []).append((p, local, grad, state, config, (gi, pi)))
 
         # Everything is checked before anything is written: arguments of every call first.
-        prepared = [self._prepare_call(members) for members in calls.values()]
+        prepared = [self._prepare_call(members, self._lr_cache(key)) for key, members in calls.items()]
         self._check_overlaps(prepared)
         for p, extra in additions.items():
             self.state[p].update(extra)
@@ -368,28 +368,49 @@ class Adagrad(torch.optim.Optimizer):
         self._step_called[0] = True  # _opt_called
         return loss
 
-    def _prepare_call(self, members: list) -> tuple:
+    def _call_key(self, gi: int, group: dict, p: Tensor, config: dict) -> tuple:
+        """What parameters that share an op call share: every constant of a step. (functional.plan
+        splits them further by device, dtype, state kind and map.)"""
+        return (gi, config["lr_decay"], config["weight_decay"], config["eps"], config["maximize"],
+                config["skip_zeros"], config["percentile_clipping"], self._block(config),
+                config["stochastic_rounding"], self._lr_key(group, p, config))
+
+    def _lr_cache(self, key: tuple) -> Optional[dict]:
+        """functional.lr_tensor's cache for the calls of one key's group and lr (none while tracing:
+        a float lr is a graph input there)."""
+        if torch.compiler.is_compiling():
+            return None
+        caches = self._lr_tensors
+        if len(caches) > 64:  # per-parameter lr overrides, each new float a new key
+            caches.clear()
+        return caches.setdefault((key[0], key[-1]), {})
+
+    def _prepare_call(self, members: list, lr_cache: Optional[dict]) -> tuple:
         """The checked op calls of parameters that share every constant of a step.
 
         A complex or non-contiguous parameter steps through a contiguous real copy that is copied
         back afterwards (a view of it would not survive torch.compile's functionalization)."""
-        config = members[0][2]
-        params = [_writable(sharded.local(p)) for p, _, _, _ in members]
+        config = members[0][4]
+        params = [_writable(local) for _, local, _, _, _, _ in members]
         try:
-            calls = F.op_calls(params, [_real(sharded.local(p.grad)).contiguous() for p, _, _, _ in members],
-                               [s for _, s, _, _ in members], lr=config["lr"], lr_decay=config["lr_decay"],
+            calls = F.op_calls(params, [grad for _, _, grad, _, _, _ in members],
+                               [state for _, _, _, state, _, _ in members], lr=config["lr"], lr_decay=config["lr_decay"],
                                weight_decay=config["weight_decay"], eps=config["eps"], maximize=config["maximize"],
                                percentile_clipping=config["percentile_clipping"], skip_zeros=config["skip_zeros"],
-                               block_size=self._block(config), stochastic_rounding=config["stochastic_rounding"])
+                               block_size=self._block(config), stochastic_rounding=config["stochastic_rounding"],
+                               lr_cache=lr_cache)
         except ValueError as e:
+            for _, local, _, state, member_config, (gi, pi) in members:  # a config changed since: say which
+                self._check_state_fits(gi, pi, member_config, state, local)
             raise self._named(e, members) from None
-        return members, params, calls
+        copies = [(local, work) for (_, local, _, _, _, _), work in zip(members, params) if work is not local]
+        return members, calls, copies
 
     def _check_overlaps(self, prepared: list) -> None:
         """No parameter or state tensor of the step may share memory with another tensor of it,
         across every call of every group (functional.check_overlaps)."""
         everyone, calls, offsets = [], [], []
-        for members, _, member_calls in prepared:
+        for members, member_calls, _ in prepared:
             calls += member_calls
             offsets += [len(everyone)] * len(member_calls)
             everyone += members
@@ -402,17 +423,15 @@ class Adagrad(torch.optim.Optimizer):
         """e, whose message names tensors by their positions in members, with a legend naming the
         parameters behind them."""
         positions = sorted({int(i) for i in _LIST_INDEX.findall(str(e)) if int(i) < len(members)})
-        legend = "; ".join(f"[{i}] is {self._name(*members[i][3])}" for i in positions)
+        legend = "; ".join(f"[{i}] is {self._name(*members[i][5])}" for i in positions)
         return ValueError(f"{e} ({legend})" if legend else str(e))
 
     @staticmethod
-    def _run_calls(members: list, params: list, calls: list) -> None:
+    def _run_calls(members: list, calls: list, copies: list) -> None:
         for call in calls:
             call.run()
-        for (p, _, _, _), work in zip(members, params):
-            p = sharded.local(p)
-            if work is not p:  # a copy: write the result back
-                p.copy_(torch.view_as_complex(work) if p.is_complex() else work)
+        for p, work in copies:  # the parameters stepped through a copy: write the result back
+            p.copy_(torch.view_as_complex(work) if p.is_complex() else work)
 
 
 def _writable(p: Tensor) -> Tensor:
