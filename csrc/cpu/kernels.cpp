@@ -1097,6 +1097,35 @@ void step_block(const Call& call, const Item& it, int64_t begin, int64_t end, co
   }
 }
 
+// Small blocks (every block of the default 256) go in runs of up to this many elements, whole blocks.
+constexpr int64_t kRun = 1024;
+
+// The blocks [begin, end), each at most kRun elements, a run at a time: every block of the run updated,
+// then every block encoded. A block's new scale is its update's lane maximum, a chain of dependent
+// steps that the block's encoding waits on, and each loop has its set-up; in a run the scales are
+// ready before the first encoding starts, and the set-up is spread over longer stretches of work.
+// (Intel Xeon, one thread, 65536 elements in L2: block-wise steps 0.88 -> 0.84 ns per element with
+// blocks of 256, 1.21 -> 0.93 with 64. Runs of 4096 were slower at 16M with two threads than runs of
+// 1024: a run's params, grads and new sums no longer stay in L1 until its encoding.)
+template <typename T>
+void step_run(const Call& call, const Item& it, int64_t begin, int64_t end, const Codebook& book, float* buf) {
+  const int64_t per = (kRun / it.block) * it.block;
+  float scales[kRun];
+  for (int64_t r = begin; r < end; r += per) {
+    const int64_t r_end = std::min(end, r + per);
+    int n = 0;
+    for (int64_t b = r; b < r_end; b += it.block) {
+      scales[n++] = update_tile<T, true>(call, it, b, std::min(r_end, b + it.block) - b, it.absmax[b / it.block], book,
+                                         buf + (b - r));
+    }
+    n = 0;
+    for (int64_t b = r; b < r_end; b += it.block, ++n) {
+      encode_tile(call, it, b, std::min(r_end, b + it.block) - b, scales[n], book, buf + (b - r));
+      it.absmax[b / it.block] = scales[n];
+    }
+  }
+}
+
 struct Span {
   int32_t item;
   int64_t begin, end;
@@ -1184,6 +1213,10 @@ void quantized_typed(const Call& call) {
       const Item& it = call.items[sp.item];
       if (sp.slot >= 0) {
         write_range<T>(call, it, sp.begin, sp.end, it.absmax[sp.begin / it.block], big_absmax[sp.slot], *book, buf);
+        continue;
+      }
+      if (it.block <= kRun) {
+        step_run<T>(call, it, sp.begin, sp.end, *book, buf);
         continue;
       }
       for (int64_t b = sp.begin; b < sp.end; b += it.block) step_block<T>(call, it, b, std::min(sp.end, b + it.block), *book, buf);
