@@ -764,11 +764,15 @@ struct Codebook {
 // this size is updated and encoded in one pass over memory; larger blocks take two (the first
 // only finds the scale).
 constexpr int64_t kTile = 4096;
-// The write pass of a larger block (tensor-wise state among them), whose scale the max pass has
-// found, goes in tiles this small: a tile's new values are then still in L1 when they are
-// encoded. (In 4096-element tiles they had left it, with the params, grads and codes streamed
-// in between: tensor-wise steps took 1.15-1.2x as long on one core.)
-constexpr int64_t kWriteTile = 256;
+// Elements updated before they are encoded, when a block is larger than that (the write pass of a
+// larger block, tensor-wise state among them, whose scale the max pass has found) or smaller (a run
+// of whole small blocks, step_run). Small enough that the new values are still in L1 when they are
+// encoded: in 4096-element tiles they had left it, with the params, grads and codes streamed in
+// between (tensor-wise steps took 1.15-1.2x as long on one core, and runs of 4096 were slower at 16M
+// with two threads). Large enough to spread each loop's set-up: on the Intel Xeon, tensor-wise write
+// tiles of 1024 instead of 256 took 0.96 -> 0.91 ns per element on one thread (65536 and 1M
+// elements) and about 4% less at 16M with two.
+constexpr int64_t kRun = 1024;
 
 // The new accumulator values of the len elements at i0, from codes under old_absmax. With
 // WriteParams they go into s and the parameters are updated; without, s is scratch (the max
@@ -1027,8 +1031,8 @@ inline void encode_tile(const Call& call, const Item& it, int64_t i0, int64_t le
 template <typename T>
 void write_range(const Call& call, const Item& it, int64_t begin, int64_t end, float old_absmax,
                  float new_absmax, const Codebook& book, float* buf) {
-  for (int64_t i = begin; i < end; i += kWriteTile) {
-    const int64_t len = std::min(kWriteTile, end - i);
+  for (int64_t i = begin; i < end; i += kRun) {
+    const int64_t len = std::min(kRun, end - i);
     update_tile<T, true>(call, it, i, len, old_absmax, book, buf);
     encode_tile(call, it, i, len, new_absmax, book, buf);
   }
@@ -1097,16 +1101,12 @@ void step_block(const Call& call, const Item& it, int64_t begin, int64_t end, co
   }
 }
 
-// Small blocks (every block of the default 256) go in runs of up to this many elements, whole blocks.
-constexpr int64_t kRun = 1024;
-
 // The blocks [begin, end), each at most kRun elements, a run at a time: every block of the run updated,
 // then every block encoded. A block's new scale is its update's lane maximum, a chain of dependent
 // steps that the block's encoding waits on, and each loop has its set-up; in a run the scales are
 // ready before the first encoding starts, and the set-up is spread over longer stretches of work.
 // (Intel Xeon, one thread, 65536 elements in L2: block-wise steps 0.88 -> 0.84 ns per element with
-// blocks of 256, 1.21 -> 0.93 with 64. Runs of 4096 were slower at 16M with two threads than runs of
-// 1024: a run's params, grads and new sums no longer stay in L1 until its encoding.)
+// blocks of 256, 1.21 -> 0.93 with 64. On Zen 4, 2-4 blocks per run had helped 64-element blocks only.)
 template <typename T>
 void step_run(const Call& call, const Item& it, int64_t begin, int64_t end, const Codebook& book, float* buf) {
   const int64_t per = (kRun / it.block) * it.block;
