@@ -2,6 +2,7 @@
 
     python tools/bench.py                        # every case, 2 threads
     python tools/bench.py --cases 16M 64M --reps 5 --threads 1
+    python tools/bench.py --cases 4K 200x4K --threads 1 --reps 200   # the fixed cost of a step
     python tools/bench.py --memory               # peak extra memory of one step, a process per case
 
 Peers: torch.optim.Adagrad (fused=True and foreach=False), and bitsandbytes' Adagrad32bit and
@@ -38,6 +39,9 @@ CASES = {  # name: parameter shapes and dtype
     "64M": ([(64 * M,)], torch.float32),
     "bf16 64M": ([(64 * M,)], torch.bfloat16),
     "200x64K": ([(64 << 10,)] * 200, torch.float32),
+    # small tensors, where the per-step Python work and op dispatch set the time (4096: min_8bit_size)
+    "4K": ([(4096,)], torch.float32),
+    "200x4K": ([(4096,)] * 200, torch.float32),
     "transformer": (None, torch.float32),  # a small transformer's parameter list (transformer_shapes)
 }
 

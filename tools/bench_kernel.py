@@ -1,8 +1,9 @@
 """The 8-bit kernel alone: ns per element of one adagrad8::step.quantized call on one fp32 tensor,
-block-wise (256), tensor-wise and block-wise with stochastic rounding, timed in alternation.
+block-wise (256 by default), tensor-wise and block-wise with stochastic rounding, timed in alternation.
 
     python tools/bench_kernel.py                  # 1 thread, 4M elements
     python tools/bench_kernel.py --threads 2 --numel 16777216
+    python tools/bench_kernel.py --numel 65536 --reps 400 --block 64   # the cost per block
 
 No optimizer class and no peers: this is the number to compare between two builds of the kernel
 (run it against each, in alternation, a few times; docs/performance.md). tools/bench.py is the
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--numel", type=int, default=4 << 20)
     parser.add_argument("--reps", type=int, default=21)
+    parser.add_argument("--block", type=int, default=256, help="block size of the block-wise states")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -35,8 +37,8 @@ def main() -> None:
     qmap = Q.MAPS[Q.DEFAULT_MAP]()
     step, lr = torch.tensor(3.0), torch.tensor(0.01)
     calls = {}
-    for name, block, seeds in (("block-wise", 256, None), ("tensor-wise", 0, None),
-                               ("stochastic", 256, [torch.tensor(7)])):
+    for name, block, seeds in (("block-wise", args.block, None), ("tensor-wise", 0, None),
+                               ("stochastic", args.block, [torch.tensor(7)])):
         codes, absmax = Q.quantize(torch.rand(n, generator=gen) * 3, qmap, block)
         calls[name] = (lambda codes=codes, absmax=absmax, block=block, seeds=seeds: torch.ops.adagrad8.step.quantized(
             [param], [grad], [codes], [absmax], qmap, [step], lr, 0.0, 0.0, 1e-10, False, None, False, block, seeds))
@@ -48,7 +50,7 @@ def main() -> None:
             start = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - start)
-    print(f"{args.threads} thread(s), {n} fp32 elements, median of {args.reps}")
+    print(f"{args.threads} thread(s), {n} fp32 elements, blocks of {args.block}, median of {args.reps}")
     for name, t in times.items():
         print(f"  {name:12s} {statistics.median(t) / n * 1e9:6.3f} ns/elem")
 
