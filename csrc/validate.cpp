@@ -178,7 +178,7 @@ class Overlaps {
     const int order = next_++;
     if (t.numel() == 0) return;  // every argument is dense by now: it has a storage
     const int64_t begin = t.storage_offset() * static_cast<int64_t>(t.itemsize());
-    spans_.push_back({t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl(), begin,
+    spans_.push_back({t.storage().unsafeGetStorageImpl(), begin,
                       begin + t.numel() * static_cast<int64_t>(t.itemsize()), order, writes});
   }
 

@@ -474,15 +474,27 @@ def test_compiled_step_with_a_map_corrupted_in_place_writes_no_param_or_state():
         assert torch.equal(state[key], value + (key == "step")), key
 
 
-def test_compiled_step_with_bad_state_raises_the_eager_message_and_writes_nothing():
+def _bad_sum(opt, params):
+    opt.state[params[1]]["sum"] = torch.zeros(299)
+
+
+def _block_size_changed(opt, params):  # params[0] (5000 elements) keeps 20 scales; 128 needs 40
+    opt.param_groups[0]["block_size"] = 128
+
+
+@pytest.mark.parametrize("fault,message", [
+    (_bad_sum, "state_sums[1] has shape [299] but params[1] has shape [300]"),
+    (_block_size_changed, "parameter param_groups[0]['params'][0] (shape [5000]): its 8-bit state has 20 scales, "
+                          "which block_wise=True, block_size=128 does not give"),
+], ids=["bad-sum", "block-size-changed"])
+def test_compiled_step_with_bad_state_raises_the_eager_message_and_writes_nothing(fault, message):
     """Under fullgraph the ValueError reaches the caller through dynamo's error (in its chain), with
     the eager text, and nothing is written."""
     params = make_params()
     opt = A.Adagrad8bit(params, lr=0.05, min_8bit_size=1000)
     set_grads(params, 0)
     opt.step()
-    opt.state[params[1]]["sum"] = torch.zeros(299)
-    message = "state_sums[1] has shape [299] but params[1] has shape [300]"
+    fault(opt, params)
     with pytest.raises(ValueError, match=re.escape(message)):
         opt.step()
     before = copy.deepcopy(([p.detach() for p in params], opt.state_dict()))

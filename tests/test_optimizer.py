@@ -523,3 +523,26 @@ def test_a_failing_step_creates_no_state():
         opt.step()
     assert b not in opt.state or not opt.state[b]
     assert set(opt.state[a]) == {"step", "sum"}
+
+
+def test_a_step_under_fake_tensor_mode_leaves_later_real_steps_exact():
+    """A live optimizer stepped once under FakeTensorMode (as memory estimators do) and then for
+    real: the real steps equal a twin's that was never faked. The float lr's tensor, which eager
+    steps keep between steps, must not carry a fake tensor into a real step."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def make():
+        gen = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(5000, generator=gen))
+        p.grad = torch.randn(5000, generator=gen)
+        return p, A.Adagrad8bit([p], lr=0.1)
+
+    (p, opt), (twin, twin_opt) = make(), make()
+    opt.step(), twin_opt.step()
+    opt.param_groups[0]["lr"] = twin_opt.param_groups[0]["lr"] = 0.05
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        opt.step()
+    for _ in range(2):
+        opt.step(), twin_opt.step()
+    assert torch.equal(p, twin)
+    assert all(torch.equal(opt.state[p][k], twin_opt.state[twin][k]) for k in ("state1", "absmax1", "step"))

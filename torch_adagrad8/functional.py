@@ -126,10 +126,13 @@ def lr_tensor(lr: float | Tensor, device: torch.device, cache: Optional[dict] = 
     """lr as the float32 tensor on device that the ops read. A float is added to zeros, not
     filled: torch.compile specializes a float given to fill_ (one recompile per new lr), while an
     added one stays a graph input. 0 + lr rounds like fill_. cache (eager callers that step
-    repeatedly, e.g. the optimizers) keeps the last float's tensor per device: making it costs two
-    tensor ops a step, which a step of small parameters feels (the ops only read it)."""
+    repeatedly, e.g. the optimizers) keeps the last float's tensor per CPU device: making it costs two
+    tensor ops a step, which a step of small parameters feels (the ops only read it). Not on other
+    devices: a tensor kept from one stream and dropped while another still reads it would race."""
     if isinstance(lr, Tensor):
         return lr.to(device=device, dtype=torch.float32)
+    if device.type != "cpu":
+        cache = None
     if cache is not None:
         held = cache.get(device)
         if held is not None and held[0] == lr:

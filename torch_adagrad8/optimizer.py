@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from torch_adagrad8 import _checks, checkpoint, functional as F, qmap as Q, sharded
 from torch_adagrad8.checkpoint import real as _real
@@ -266,11 +267,13 @@ class Adagrad(torch.optim.Optimizer):
         return ("override", id(lr) if isinstance(lr, Tensor) else lr)
 
     def _check_grads(self) -> list[tuple[int, int, dict, Tensor, Tensor, Tensor, dict, Optional[dict], int]]:
-        """(group index, index in the group, group, param, the tensors the op steps for it (the local
-        param and its gradient as real numbers), config, state or None, flat index) of every parameter
-        to step. Raises before anything is written. A state's kind (8- or 32-bit) is fixed when it is
-        created; _prepare_call checks that it still fits the config. (Runs per parameter on every eager
-        step: the common case is kept to a few attribute reads and one state lookup.)"""
+        """(group index, index in the group, group, param, its local tensor, the gradient the op reads
+        (local, as real numbers, contiguous), config, state or None, flat index) of every parameter to
+        step. Raises before anything is written. A state's kind (8- or 32-bit) is fixed when it is
+        created; whether it still fits a changed config is checked by the op, and named by
+        _check_state_fits when that fails (also under torch.compile: tests/test_compile.py). (Runs per
+        parameter on every eager step: the common case is kept to a few attribute reads and one state
+        lookup.)"""
         todo = []
         index = -1
         overrides = self.mng.has_overrides()
@@ -363,8 +366,8 @@ class Adagrad(torch.optim.Optimizer):
         self._check_overlaps(prepared)
         for p, extra in additions.items():
             self.state[p].update(extra)
-        for call in prepared:
-            self._run_calls(*call)
+        for _, op_calls, copies in prepared:
+            self._run_calls(op_calls, copies)
         self._step_called[0] = True  # _opt_called
         return loss
 
@@ -376,9 +379,10 @@ class Adagrad(torch.optim.Optimizer):
                 config["stochastic_rounding"], self._lr_key(group, p, config))
 
     def _lr_cache(self, key: tuple) -> Optional[dict]:
-        """functional.lr_tensor's cache for the calls of one key's group and lr (none while tracing:
-        a float lr is a graph input there)."""
-        if torch.compiler.is_compiling():
+        """functional.lr_tensor's cache for the calls of one key's group and lr. None while tracing (a
+        float lr is a graph input there) and under a dispatch mode (a fake tensor made there must not
+        serve a real step, nor a real one a fake step)."""
+        if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
             return None
         caches = self._lr_tensors
         if len(caches) > 64:  # per-parameter lr overrides, each new float a new key
@@ -427,7 +431,7 @@ class Adagrad(torch.optim.Optimizer):
         return ValueError(f"{e} ({legend})" if legend else str(e))
 
     @staticmethod
-    def _run_calls(members: list, calls: list, copies: list) -> None:
+    def _run_calls(calls: list, copies: list) -> None:
         for call in calls:
             call.run()
         for p, work in copies:  # the parameters stepped through a copy: write the result back
