@@ -11,7 +11,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import torch_adagrad8 as A
-from torch_adagrad8 import _ops, qmap as Q, reference
+from torch_adagrad8 import _ops, functional as F, qmap as Q, reference
 
 HYPER = [
     dict(),
@@ -546,3 +546,16 @@ def test_a_step_under_fake_tensor_mode_leaves_later_real_steps_exact():
         opt.step(), twin_opt.step()
     assert torch.equal(p, twin)
     assert all(torch.equal(opt.state[p][k], twin_opt.state[twin][k]) for k in ("state1", "absmax1", "step"))
+
+
+def test_lr_tensor_cache_reuses_a_cpu_tensor_until_the_lr_changes():
+    """functional.lr_tensor's cache (the optimizers' eager steps): the same tensor while the float
+    lr stays, a new one with a new lr, and nothing kept for other devices (streams could race)."""
+    cpu, cache = torch.device("cpu"), {}
+    first = F.lr_tensor(0.1, cpu, cache)
+    assert F.lr_tensor(0.1, cpu, cache) is first
+    assert torch.equal(first, torch.tensor(0.1))
+    changed = F.lr_tensor(0.05, cpu, cache)
+    assert changed is not first and torch.equal(changed, torch.tensor(0.05))
+    assert F.lr_tensor(0.1, torch.device("meta"), cache).device.type == "meta"
+    assert list(cache) == [cpu]
