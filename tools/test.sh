@@ -12,6 +12,20 @@ export ADAGRAD8_REQUIRE_HUGE=1  # tests/test_huge_tensors.py fails instead of sk
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
+# The two environments take about 8 GB (the CUDA torch alone 6 GB) and the compiled tests
+# write ~1 GB of Inductor cache; on a full disk pip fails late with "No space left on device".
+# Say it up front, and keep the Inductor cache in a directory removed when the run ends.
+free_gb=$(( $(df -Pk "$root" | awk 'NR==2 {print $4}') / 1048576 ))
+if [ "$free_gb" -lt 12 ]; then
+  echo "[test] warning: $free_gb GB free on the disk holding $root; a full run needs about 12 GB" >&2
+fi
+if [ -z "${TORCHINDUCTOR_CACHE_DIR:-}" ]; then
+  TORCHINDUCTOR_CACHE_DIR=$(mktemp -d -t adagrad8-inductor.XXXXXX)
+  export TORCHINDUCTOR_CACHE_DIR
+  trap 'echo "[test] removing the Inductor cache ($(du -sh "$TORCHINDUCTOR_CACHE_DIR" | cut -f1))";
+        rm -rf "$TORCHINDUCTOR_CACHE_DIR"' EXIT
+fi
+
 bash tools/setup-env.sh .venv/cpu "torch==2.13.0"
 .venv/cpu/bin/pytest -q tests
 if [ "${ADAGRAD8_TEST_SANITIZE:-1}" != 0 ]; then
