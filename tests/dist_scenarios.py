@@ -134,7 +134,8 @@ def _sharded_model():
 
 def state_bytes(opt) -> int:
     """Bytes of every state tensor but the map (one, shared by every 8-bit state)."""
-    return sum(v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items() if k != "qmap1")
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items()
+               if k != "qmap1" and isinstance(v, torch.Tensor))
 
 
 def ddp(rank, world, out: Path):
@@ -173,7 +174,8 @@ def fsdp(rank, world, out: Path):
         opt = make_optimizer(model.parameters(), bits)
         opt.load_state_dict(plain.state_dict())
         results[f"plain-load-{bits}"] = full_state(opt)
-        results[f"plain-load-side-{bits}"] = {k: v.clone() for k, v in opt.state[model.side.weight].items()}
+        results[f"plain-load-side-{bits}"] = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                              for k, v in opt.state[model.side.weight].items()}
         results[f"torch-{bits}"] = [full(s["sum"]) for s in opt.torch_state_dict()["state"].values()]
     results["errors"] = _errors()
     torch.save(results, out / f"fsdp-{rank}.pt")

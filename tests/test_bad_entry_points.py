@@ -185,7 +185,7 @@ CASES = [
     ("weight-decay-negative", _set_group(0, "weight_decay", -1e-4), r"^Invalid weight_decay: -0.0001"),
     ("eps-nan", _set_group(1, "eps", float("nan")), r"^Invalid eps: nan"),
     ("lr-decay-inf", _set_group(0, "lr_decay", float("inf")), r"^Invalid lr_decay: inf"),
-    ("block-size-changed", _set_group(1, "block_size", 128), r"its 8-bit state has 20 scales, which block_wise=True, block_size=128"),
+    ("block-size-changed", _set_group(1, "block_size", 128), r"its 8-bit state is in blocks of 256 elements, which block_wise=True, block_size=128 does not give"),
     # ---- add_param_group
     ("add-lr-negative", _add_group(lambda ps: {"params": [torch.nn.Parameter(torch.randn(4))], "lr": -1.0}), r"^Invalid lr: -1.0"),
     ("add-param-dtype", _add_group(lambda ps: {"params": [torch.nn.Parameter(torch.randn(4, dtype=torch.float64))]}),

@@ -52,7 +52,10 @@ def assert_same(opt_a, params_a, opt_b, params_b):
         sa, sb = opt_a.state[a], opt_b.state[b]
         assert sa.keys() == sb.keys()
         for key in sa:
-            assert torch.equal(sa[key], sb[key]), f"param {i} state {key}"
+            if isinstance(sa[key], torch.Tensor):
+                assert torch.equal(sa[key], sb[key]), f"param {i} state {key}"
+            else:  # block_size
+                assert sa[key] == sb[key], f"param {i} state {key}"
 
 
 CONFIGS = {
@@ -407,6 +410,32 @@ def test_functional_checks_before_writing(sizes, options, message):
         assert all(torch.equal(s[k], b[k]) for k in s)
 
 
+@pytest.mark.parametrize("recorded,asked,ok", [
+    (256, 250, False),  # 5000 elements: 20 scales both ways, other blocks
+    (256, 256, True),
+    (0, 8192, True),    # one block either way
+    (8192, 0, True),
+    (0, 256, False),    # caught by the scale count too; the record names it first
+])
+def test_functional_step_checks_a_recorded_block_size(recorded, asked, ok):
+    """A state that records its block size (the optimizers' do) steps only in the same blocks,
+    compiled (the eager message in dynamo's error chain) or not; nothing is written when it raises."""
+    w = torch.randn(5000)
+    state = F.init_state(w, optim_bits=8, block_size=recorded)
+    assert all(isinstance(t, torch.Tensor) for t in state.values())  # init_state: tensors (buffers)
+    state["block_size"] = recorded
+    message = f"states[0] holds 8-bit state made with block_size={recorded}, but this step asks for block_size={asked}"
+    for fn in (F.adagrad, torch.compile(F.adagrad, fullgraph=True, backend="eager")):
+        before = [w.clone()] + [state[k].clone() for k in ("state1", "absmax1", "step")]
+        if ok:
+            fn([w], [torch.randn(5000)], [state], lr=0.1, block_size=asked)
+            continue
+        with pytest.raises(Exception) as raised:
+            fn([w], [torch.randn(5000)], [state], lr=0.1, block_size=asked)
+        assert any(message in m for m in exception_messages(raised.value)), str(raised.value)
+        assert all(torch.equal(a, b) for a, b in zip([w] + [state[k] for k in ("state1", "absmax1", "step")], before))
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(block_size=-5), r"^Invalid block_size: -5"),
     (dict(optim_bits=16), r"^Invalid optim_bits: 16 \(must be 8 or 32\)$"),
@@ -466,7 +495,8 @@ def test_compiled_step_with_a_map_corrupted_in_place_writes_no_param_or_state():
     step()
     state = opt.state[params[0]]
     state["qmap1"][3] = float("nan")
-    before = copy.deepcopy(([p.detach() for p in params], {k: v for k, v in state.items() if k != "qmap1"}))
+    before = copy.deepcopy(([p.detach() for p in params], {k: v for k, v in state.items()
+                                                             if k != "qmap1" and isinstance(v, torch.Tensor)}))
     with pytest.raises(ValueError, match=re.escape("qmap[3] is nan; map values must be finite, in [-1, 1] and sorted")):
         step()
     assert all(torch.equal(p, b) for p, b in zip(params, before[0]))
@@ -478,15 +508,21 @@ def _bad_sum(opt, params):
     opt.state[params[1]]["sum"] = torch.zeros(299)
 
 
-def _block_size_changed(opt, params):  # params[0] (5000 elements) keeps 20 scales; 128 needs 40
+def _block_size_changed(opt, params):  # params[0] (5000 elements) has 20 scales; 128 needs 40
     opt.param_groups[0]["block_size"] = 128
+
+
+def _block_size_changed_same_count(opt, params):  # 5000 elements in blocks of 250: also 20 scales
+    opt.param_groups[0]["block_size"] = 250
 
 
 @pytest.mark.parametrize("fault,message", [
     (_bad_sum, "state_sums[1] has shape [299] but params[1] has shape [300]"),
-    (_block_size_changed, "parameter param_groups[0]['params'][0] (shape [5000]): its 8-bit state has 20 scales, "
-                          "which block_wise=True, block_size=128 does not give"),
-], ids=["bad-sum", "block-size-changed"])
+    (_block_size_changed, "parameter param_groups[0]['params'][0] (shape [5000]): its 8-bit state is in blocks of "
+                          "256 elements, which block_wise=True, block_size=128 does not give"),
+    (_block_size_changed_same_count, "parameter param_groups[0]['params'][0] (shape [5000]): its 8-bit state is in "
+                                     "blocks of 256 elements, which block_wise=True, block_size=250 does not give"),
+], ids=["bad-sum", "block-size-changed", "block-size-changed-same-scale-count"])
 def test_compiled_step_with_bad_state_raises_the_eager_message_and_writes_nothing(fault, message):
     """Under fullgraph the ValueError reaches the caller through dynamo's error (in its chain), with
     the eager text, and nothing is written."""

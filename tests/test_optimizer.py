@@ -404,7 +404,7 @@ def test_parameters_on_two_devices_in_one_group(monkeypatch):
     before = cpu.detach().clone()
     opt.step()
     assert sorted(calls) == ["cpu", "meta"]
-    assert all(t.device.type == "meta" for t in opt.state[meta].values())
+    assert all(t.device.type == "meta" for t in opt.state[meta].values() if isinstance(t, torch.Tensor))
     assert not torch.equal(cpu, before) and opt.state[cpu]["step"].item() == 1
 
 
@@ -417,7 +417,8 @@ def test_config_changed_after_state_exists_is_checked_before_any_write():
     try:
         mng.override_config(b, "block_wise", False)
         before = [a.detach().clone(), b.detach().clone(), opt.state[a]["state1"].clone()]
-        with pytest.raises(ValueError, match=r"\['params'\]\[1\].*8-bit state has 20 scales"):
+        with pytest.raises(ValueError, match=r"\['params'\]\[1\].*8-bit state is in blocks of 256 elements, "
+                                             r"which block_wise=False, block_size=256 does not give"):
             opt.step()
         assert all(torch.equal(x, y) for x, y in zip(before, [a, b, opt.state[a]["state1"]]))
         # clipping and stochastic rounding may start late: the norm history starts over, a seed is made

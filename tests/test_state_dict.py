@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import re
 
 import pytest
 import torch
@@ -74,6 +75,9 @@ CASES = {
 def _state_equal(s1: dict, s2: dict) -> None:
     assert s1.keys() == s2.keys()
     for k in s1:
+        if not isinstance(s1[k], torch.Tensor):  # block_size
+            assert type(s1[k]) is type(s2[k]) and s1[k] == s2[k], k
+            continue
         assert s1[k].dtype == s2[k].dtype and s1[k].shape == s2[k].shape, k
         assert torch.equal(s1[k], s2[k]), k
 
@@ -122,8 +126,7 @@ def test_loaded_state_does_not_share_memory_with_the_state_dict(case):
     opt2.load_state_dict(sd)
     train(opt2, params2, range(3, 5))
     for i, state in saved["state"].items():
-        for key, value in state.items():
-            assert torch.equal(sd["state"][i][key], value), (i, key)
+        _state_equal(sd["state"][i], state)
 
 
 def test_state_dict_maps_are_copies():
@@ -145,10 +148,12 @@ def test_state_dict_is_plain_tensors_and_numbers():
     opt = A.Adagrad8bit(params, percentile_clipping=50, stochastic_rounding=True)
     train(opt, params, range(2))
     sd = opt.state_dict()
-    for st in sd["state"].values():
-        assert all(isinstance(v, torch.Tensor) for v in st.values()), st.keys()
+    for st in sd["state"].values():  # tensors, and 8-bit state's block size (ALGORITHM.md §7)
+        assert all(isinstance(v, torch.Tensor) for k, v in st.items() if k != "block_size"), st.keys()
+        assert type(st.get("block_size", 256)) is int
     kinds = {tuple(sorted(st)) for st in sd["state"].values()}
-    assert kinds == {("absmax1", "gnorm_vec", "qmap1", "seed", "state1", "step"), ("gnorm_vec", "seed", "step", "sum")}
+    assert kinds == {("absmax1", "block_size", "gnorm_vec", "qmap1", "seed", "state1", "step"),
+                     ("gnorm_vec", "seed", "step", "sum")}
 
 
 def test_empty_parameter_with_8bit_state_round_trips():
@@ -165,6 +170,100 @@ def test_empty_parameter_with_8bit_state_round_trips():
     train(opt2, params2, range(2, 4))
     assert all(torch.equal(p, q) for p, q in zip(params, params2))
     assert opt.torch_state_dict()["state"][0]["sum"].shape == (0,)
+
+
+# ---- the block size 8-bit state records ----
+
+@pytest.fixture
+def manager():
+    mng = A.GlobalOptimManager.get_instance()
+    mng.initialize()
+    yield mng
+    mng.initialize()
+
+
+def _dequantized(state):
+    return Q.dequantize(state["state1"], state["absmax1"], state["qmap1"], state["block_size"])
+
+
+@pytest.mark.parametrize("block", [250, 128])
+def test_state_of_a_block_size_override_reloads_bit_identically(manager, block):
+    """params[1] (5000 elements) steps in blocks of `block` through a manager override; its group
+    says 256. The state records its own block size, so the state dict reloads it as saved: 250
+    gives the same 20 scales as 256 (read in blocks of 256 it would be silently wrong), 128
+    gives 40 (read in blocks of 256 it would not load)."""
+    def built(ps):
+        manager.override_config(ps[1], "block_size", block)
+        return A.Adagrad8bit(groups(ps), lr=0.01)
+
+    params = make_params()
+    opt = built(params)
+    train(opt, params, range(4))
+    assert opt.state[params[1]]["block_size"] == block and opt.state[params[0]]["block_size"] == 256
+    params2 = fresh_copy(params)
+    opt2 = built(params2)
+    opt2.load_state_dict(roundtrip(opt.state_dict()))
+    train(opt, params, range(4, 8))
+    train(opt2, params2, range(4, 8))
+    assert all(torch.equal(p, q) for p, q in zip(params, params2))
+    for p, q in zip(params, params2):
+        _state_equal(opt.state[p], opt2.state[q])
+    tsd = opt.torch_state_dict()  # dequantized in its own blocks
+    assert torch.equal(tsd["state"][1]["sum"], _dequantized(opt.state[params[1]]).reshape(5000))
+
+
+def test_state_dict_without_block_sizes_loads_by_its_groups():
+    """A state dict saved before states recorded their block size loads by its groups' block_size,
+    and the loaded state records it."""
+    params = make_params()
+    opt = A.Adagrad8bit(groups(params), lr=0.01, block_size=64)
+    train(opt, params, range(3))
+    sd = roundtrip(opt.state_dict())
+    for st in sd["state"].values():
+        st.pop("block_size", None)
+    params2 = fresh_copy(params)
+    opt2 = A.Adagrad8bit(groups(params2), lr=0.01, block_size=64)
+    opt2.load_state_dict(sd)
+    assert opt2.state[params2[1]]["block_size"] == 64
+    train(opt, params, range(3, 6))
+    train(opt2, params2, range(3, 6))
+    assert all(torch.equal(p, q) for p, q in zip(params, params2))
+
+
+def test_load_into_other_blocks_converts_and_records_them(manager):
+    """Loading 256-block state for a parameter that now has a block_size=64 override (the groups'
+    options come from the state dict, like torch's; overrides do not) requantizes it in blocks of
+    64, close to the saved values, and the state records 64."""
+    params = make_params()
+    opt = A.Adagrad8bit(groups(params), lr=0.01)
+    train(opt, params, range(3))
+    params2 = fresh_copy(params)
+    manager.override_config(params2[1], "block_size", 64)
+    opt2 = A.Adagrad8bit(groups(params2), lr=0.01)
+    opt2.load_state_dict(roundtrip(opt.state_dict()))
+    saved, loaded = opt.state[params[1]], opt2.state[params2[1]]
+    assert loaded["block_size"] == 64 and loaded["absmax1"].numel() == -(-5000 // 64)
+    before, after = _dequantized(saved), _dequantized(loaded)
+    assert (after - before).abs().max() <= 0.1 * before.abs().max()
+    train(opt2, params2, range(3, 5))  # and it steps in its new blocks
+
+
+def test_block_size_change_after_state_exists_raises_and_writes_nothing():
+    """5000 elements in blocks of 250 have as many scales as in blocks of 256: the recorded block
+    size, not the scale count, tells them apart. Nothing is written; going back to 256 steps."""
+    params = make_params()
+    opt = A.Adagrad8bit(groups(params), lr=0.01)
+    train(opt, params, range(2))
+    opt.param_groups[0]["block_size"] = 250
+    set_grads(params, 2)
+    snap = _snapshot(opt)
+    values = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=re.escape("its 8-bit state is in blocks of 256 elements, which "
+                                                   "block_wise=True, block_size=250 does not give")):
+        opt.step()
+    _assert_unchanged(opt, snap, params, values)
+    opt.param_groups[0]["block_size"] = 256
+    opt.step()
 
 
 # ---- torch.optim.Adagrad state dicts ------------------------------------------------------------------
@@ -241,7 +340,8 @@ def test_torch_state_dict_into_8bit_is_quantized_and_continues_close():
 # ---- state dicts that do not fit ---------------------------------------------------------------------
 
 def _snapshot(opt):
-    state = {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()}
+    state = {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+             for p, st in opt.state.items()}
     pgroups = [({k: copy.deepcopy(v) for k, v in g.items() if k != "params"}, [id(p) for p in g["params"]])
                for g in opt.param_groups]
     return state, pgroups
@@ -296,6 +396,10 @@ def _bad(sd, what):
         st[1]["absmax1"] = torch.ones(6000)
     elif what == "absmax1 count 0":
         st[1]["absmax1"] = torch.ones(0)
+    elif what == "block_size not an int":
+        st[1]["block_size"] = 256.0
+    elif what == "block_size does not give the scales":  # 5000 elements in blocks of 128: 40 scales
+        st[1]["block_size"] = 128
     elif what == "bad group value":
         sd["param_groups"][1]["percentile_clipping"] = 0
     elif what == "32-bit group into Adagrad8bit":
@@ -324,6 +428,8 @@ BAD = {
     "absmax1 count 4999": "'absmax1' has 4999 scales",
     "absmax1 count 6000": "'absmax1' has 6000 scales",
     "absmax1 count 0": "'absmax1' has 0 scales",
+    "block_size not an int": r"'block_size' must be an int >= 0 \(0: one scale per tensor\), got 256\.0",
+    "block_size does not give the scales": r"'absmax1' has 20 scales, which its block size \(128; 0 = one per",
     "bad group value": "percentile_clipping",
     "32-bit group into Adagrad8bit": "optim_bits",
     "state not a dict": "must be a dict",

@@ -49,11 +49,14 @@ def accumulator(state: dict, p: Tensor, block: int) -> Tensor:
     return source.to(torch.complex64 if p.is_complex() else torch.float32).reshape(p.shape)
 
 
-def saved_block(name: str, scales: int, n: int, group: dict) -> int:
-    """The block size of loaded 8-bit state: its group's, when the state dict is ours (it has
-    block_wise and block_size), else bitsandbytes' 256, else one scale per tensor; checked
-    against the number of scales."""
-    if "block_wise" in group and "block_size" in group:
+def saved_block(name: str, s: dict, n: int, group: dict) -> int:
+    """The block size of loaded 8-bit state s (flat): the one it records (ours since it records
+    it), else its group's when the state dict is ours (it has block_wise and block_size), else
+    bitsandbytes' 256, else one scale per tensor; checked against its number of scales."""
+    scales = s["absmax1"].numel()
+    if "block_size" in s:
+        candidates = [s["block_size"]]
+    elif "block_wise" in group and "block_size" in group:
         candidates = [group["block_size"] if group["block_wise"] else 0]
     else:
         candidates = [256, 0]
@@ -125,7 +128,10 @@ def _check_param_state(name: str, state: Any, p: Tensor, group: dict) -> None:
         except ValueError as e:
             raise ValueError(f"state of {name}: {e}") from None
         absmax = _tensor(name, s, "absmax1", "a floating-point tensor", _is_float)
-        saved_block(name, absmax.numel(), n, group)
+        if "block_size" in s and not _checks.is_int(s["block_size"], 0):
+            raise ValueError(f"state of {name}: 'block_size' must be an int >= 0 (0: one scale per tensor), "
+                             f"got {s['block_size']!r}")
+        saved_block(name, s, n, group)
         if not bool((torch.isfinite(absmax) & (absmax >= 0)).all()):
             raise ValueError(f"state of {name}: 'absmax1' holds negative or non-finite scales")
         return
@@ -147,7 +153,7 @@ def _converted(opt: "Adagrad", name: str, state: dict, p: Tensor, config: dict, 
     s = _flat(state)
     eight_bit = opt._eight_bit(config, p)  # by the whole parameter's size, also for a shard of it
     loaded_codes = "state1" in s and s["state1"].dtype == torch.uint8
-    source_block = saved_block(name, s["absmax1"].numel(), real(p).numel(), saved_group) if loaded_codes else 0
+    source_block = saved_block(name, s, real(p).numel(), saved_group) if loaded_codes else 0
     if sharded.is_sharded(p):  # from here on: the rank's shard, its accumulator as float values
         s, p, loaded_codes = sharded.local_state(s, p, source_block), sharded.local(p), False
     dev = p.device
@@ -165,6 +171,8 @@ def _converted(opt: "Adagrad", name: str, state: dict, p: Tensor, config: dict, 
         qmap = opt._map_on(config, dev)
         codes, absmax = Q.quantize(real(accumulator(s, p, source_block).to(dev)), qmap, block)
         new["state1"], new["absmax1"], new["qmap1"] = codes, absmax, qmap
+    if eight_bit:
+        new["block_size"] = block
     else:
         new["sum"] = real(accumulator(s, p, source_block).to(dev)).clone(memory_format=torch.contiguous_format)
     # a missing clipping history or seed is made by the next step (the history then starts over)
@@ -236,8 +244,7 @@ def unsharded_state_dict(opt: "Adagrad", state_dict: dict) -> dict:
             if not state:
                 continue
             if sharded.is_sharded(p):
-                block = opt._block(opt.config_of(group, p))
-                state = sharded.global_state(state, p, block, opt._name(gi, pi))
+                state = sharded.global_state(state, p, opt._state_block(group, p, state), opt._name(gi, pi))
             if "qmap1" in state:
                 state = {**state, "qmap1": state["qmap1"].clone()}
             state_dict["state"][index] = state
@@ -261,9 +268,8 @@ def torch_state_dict(opt: "Adagrad") -> dict:
         for p in group["params"]:
             if opt.state.get(p):
                 s = opt.state[p]
-                block = opt._block(opt.config_of(group, p))
                 local = sharded.local(p)
-                acc = accumulator(s, local, block).clone()
+                acc = accumulator(s, local, opt._state_block(group, p, s)).clone()
                 state[index_of[p]] = {"step": s["step"].detach().clone(),
                                       "sum": sharded.like_param(acc, p) if local is not p else acc}
     return {"state": state, "param_groups": groups}

@@ -3,7 +3,9 @@ and state itself (a custom loop, a module that torch.export exports with its ste
 
 A state is a dict of tensors on its parameter's device, in the optimizer's layout (optimizer.py):
 ``step``; ``sum`` (32-bit) or ``state1`` / ``absmax1`` / ``qmap1`` (8-bit); ``gnorm_vec`` for
-percentile clipping; ``seed`` for stochastic rounding. ``init_state`` makes one.
+percentile clipping; ``seed`` for stochastic rounding. ``init_state`` makes one. The caller passes
+the 8-bit block size with every step; a state may also hold ``block_size``, the int it was made
+with (the optimizers record it), and a step that asks for other blocks then raises.
 
     states = [F.init_state(p, optim_bits=8) for p in params]
     F.adagrad(params, grads, states, lr=0.01)
@@ -187,6 +189,11 @@ def op_calls(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence
             if key not in state:
                 raise ValueError(f"states[{i}] has no '{key}', which percentile_clipping={percentile_clipping}, "
                                  f"stochastic_rounding={stochastic_rounding} need; make it with init_state")
+        if eight_bit:
+            made = state.get("block_size", block_size)
+            if made != block_size and not Q.same_blocks(p.numel(), made, block_size):
+                raise ValueError(f"states[{i}] holds 8-bit state made with block_size={made}, but this step asks for "
+                                 f"block_size={block_size} (0: one scale per tensor); the blocks differ")
         qmap = state.get("qmap1")
         entries = groups.setdefault((p.device, p.dtype, eight_bit), [])
         for q, members in entries:

@@ -4,10 +4,12 @@ The optimizers only organise: they keep per-parameter state, group the parameter
 a gradient by (param group, device, dtype, state kind, effective config), and make one op call
 per group. All math is in the ops (ALGORITHM.md §2-§5).
 
-State of a parameter (everything a tensor on the parameter's device):
+State of a parameter (tensors on the parameter's device, and one int):
   step       float32 scalar: steps taken
   sum        32-bit state: float32 accumulator (complex parameters: float32 real pairs, [..., 2])
   state1     8-bit state: uint8 codes;  absmax1: float32 scales;  qmap1: float32 map (256)
+  block_size 8-bit state: the int block size it is in (0: one scale per tensor); a step whose
+             config asks for other blocks raises, a loaded state is converted to the config's
   gnorm_vec  float32 (100,): recent squared gradient norms (percentile clipping)
   seed       int64 scalar: stochastic-rounding seed
 """
@@ -182,6 +184,10 @@ class Adagrad(torch.optim.Optimizer):
     def _block(config: dict) -> int:
         return config["block_size"] if config["block_wise"] else 0
 
+    def _state_block(self, group: dict, p: Tensor, state: dict) -> int:
+        """The block size p's 8-bit state is in: the one it records, else its config's."""
+        return state["block_size"] if "block_size" in state else self._block(self.config_of(group, p))
+
     # ---- state ---------------------------------------------------------------------------
 
     def _map_on(self, config: dict, device: torch.device) -> Tensor:
@@ -217,8 +223,11 @@ class Adagrad(torch.optim.Optimizer):
         """The state a parameter starts with (complex parameters: as real pairs, both parts
         starting at initial_accumulator_value, like torch)."""
         eight_bit = self._eight_bit(config, p)
+        block = self._block(config)
         state = F.build_state(_real(sharded.local(p)), 8 if eight_bit else 32, float(config["initial_accumulator_value"]),
-                              self._block(config), self._map_on(config, p.device) if eight_bit else None, 100, None)
+                              block, self._map_on(config, p.device) if eight_bit else None, 100, None)
+        if eight_bit:
+            state["block_size"] = block
         return {**state, **self._missing_state(p, state, config, index)}
 
     def _missing_state(self, p: Tensor, state: dict, config: dict, index: int) -> dict:
@@ -312,11 +321,19 @@ class Adagrad(torch.optim.Optimizer):
                              "gradient norms, which a shard does not have: use percentile_clipping=100")
 
     def _check_state_fits(self, gi: int, pi: int, config: dict, state: dict, local: Tensor) -> None:
-        """A config changed after the 8-bit state was made must not ask for another block layout.
-        (The op's check finds it; this one, run when that fails, names the config that changed.)"""
-        if "absmax1" in state and state["absmax1"].numel() != Q.scale_count(_real(local).numel(), self._block(config)):
+        """A config changed after the 8-bit state was made must not ask for other blocks. (The
+        functional and op checks find it; this one, run when they fail, names the config.)"""
+        if "absmax1" not in state:
+            return
+        n, block = _real(local).numel(), self._block(config)
+        made = state.get("block_size", block)
+        asked = f"block_wise={config['block_wise']}, block_size={config['block_size']}"
+        if not Q.same_blocks(n, made, block):
+            layout = f"is in blocks of {made} elements" if made else "has one scale for the whole tensor"
+            raise ValueError(f"{self._name(gi, pi)}: its 8-bit state {layout}, which {asked} does not give")
+        if state["absmax1"].numel() != Q.scale_count(n, block):
             raise ValueError(f"{self._name(gi, pi)}: its 8-bit state has {state['absmax1'].numel()} scales, which "
-                             f"block_wise={config['block_wise']}, block_size={config['block_size']} does not give")
+                             f"{asked} does not give")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch.optim.Optimizer.zero_grad, in a form torch.compile traces (it skips the base

@@ -77,6 +77,13 @@ def scale_count(numel: int, block_size: int) -> int:
     return 1 if block_size == 0 else -(-numel // block_size)
 
 
+def same_blocks(numel: int, a: int, b: int) -> bool:
+    """Whether block sizes a and b (0: one per tensor) split a tensor of numel elements into the
+    same blocks: the same size, or a single block under both."""
+    count = scale_count(numel, a)
+    return a == b or (count == scale_count(numel, b) and count <= 1)
+
+
 def block_scales(values: Tensor, block_size: int) -> Tensor:
     """Largest finite |value| of each block of the flattened tensor (NaN/Inf count as 0)."""
     flat = values.reshape(-1).float()
