@@ -436,6 +436,16 @@ def test_functional_step_checks_a_recorded_block_size(recorded, asked, ok):
         assert all(torch.equal(a, b) for a, b in zip([w] + [state[k] for k in ("state1", "absmax1", "step")], before))
 
 
+@pytest.mark.parametrize("recorded", [256.0, torch.tensor(256), -1])
+def test_functional_step_rejects_a_recorded_block_size_that_is_not_an_int(recorded):
+    w = torch.randn(5000)
+    state = {**F.init_state(w, optim_bits=8), "block_size": recorded}
+    before = w.clone()
+    with pytest.raises(ValueError, match=re.escape("states[0]['block_size'] must be an int >= 0")):
+        F.adagrad([w], [torch.randn(5000)], [state], lr=0.1)
+    assert torch.equal(w, before)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(block_size=-5), r"^Invalid block_size: -5"),
     (dict(optim_bits=16), r"^Invalid optim_bits: 16 \(must be 8 or 32\)$"),

@@ -248,6 +248,39 @@ def test_load_into_other_blocks_converts_and_records_them(manager):
     train(opt2, params2, range(3, 5))  # and it steps in its new blocks
 
 
+def test_recorded_block_size_past_the_tensor_is_one_block():
+    """A record larger than its tensor means one block (any such size gives one scale); converting
+    from it costs the tensor's size, not the record's (2^40 floats would not fit in memory)."""
+    params = make_params()
+    opt = A.Adagrad8bit(groups(params), lr=0.01, block_wise=False)
+    train(opt, params, range(2))
+    sd = roundtrip(opt.state_dict())
+    for st in sd["state"].values():
+        if "block_size" in st:
+            st["block_size"] = 2 ** 40
+    for g in sd["param_groups"]:
+        g["block_wise"] = True  # the loaded groups ask for blocks of 256: every state is converted
+    params2 = fresh_copy(params)
+    opt2 = A.Adagrad8bit(groups(params2), lr=0.01)
+    opt2.load_state_dict(sd)
+    for p, q in zip(params[:2], params2[:2]):
+        assert opt2.state[q]["block_size"] == 256
+        before, after = _dequantized(opt.state[p]), _dequantized(opt2.state[q])
+        assert (after - before).abs().max() <= 0.1 * before.abs().max()
+
+
+def test_torch_state_dict_reads_state_in_its_recorded_blocks():
+    """After the group's block_size changed (and before a step would refuse it), torch_state_dict
+    still dequantizes the 8-bit state in the blocks it is in."""
+    params = make_params()
+    opt = A.Adagrad8bit(groups(params), lr=0.01)
+    train(opt, params, range(2))
+    opt.param_groups[0]["block_size"] = 250
+    tsd = opt.torch_state_dict()
+    for i in (0, 1):
+        assert torch.equal(tsd["state"][i]["sum"], _dequantized(opt.state[params[i]]).reshape(params[i].shape))
+
+
 def test_block_size_change_after_state_exists_raises_and_writes_nothing():
     """5000 elements in blocks of 250 have as many scales as in blocks of 256: the recorded block
     size, not the scale count, tells them apart. Nothing is written; going back to 256 steps."""
@@ -429,7 +462,7 @@ BAD = {
     "absmax1 count 6000": "'absmax1' has 6000 scales",
     "absmax1 count 0": "'absmax1' has 0 scales",
     "block_size not an int": r"'block_size' must be an int >= 0 \(0: one scale per tensor\), got 256\.0",
-    "block_size does not give the scales": r"'absmax1' has 20 scales, which its block size \(128; 0 = one per",
+    "block_size does not give the scales": r"'absmax1' has 20 scales, which its recorded block_size \(128; 0 = one",
     "bad group value": "percentile_clipping",
     "32-bit group into Adagrad8bit": "optim_bits",
     "state not a dict": "must be a dict",

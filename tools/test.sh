@@ -12,9 +12,9 @@ export ADAGRAD8_REQUIRE_HUGE=1  # tests/test_huge_tensors.py fails instead of sk
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-# The two environments take about 8 GB (the CUDA torch alone 6 GB) and the compiled tests
-# write ~1 GB of Inductor cache; on a full disk pip fails late with "No space left on device".
-# Say it up front, and keep the Inductor cache in a directory removed when the run ends.
+# The two environments take about 8 GB (the CUDA torch alone 6 GB); on a full disk pip fails
+# late with "No space left on device". Say it up front. The compiled tests' Inductor cache (36 MB
+# a run) goes to a directory removed when the run ends, not to /tmp/torchinductor_$USER for good.
 free_gb=$(( $(df -Pk "$root" | awk 'NR==2 {print $4}') / 1048576 ))
 if [ "$free_gb" -lt 12 ]; then
   echo "[test] warning: $free_gb GB free on the disk holding $root; a full run needs about 12 GB" >&2

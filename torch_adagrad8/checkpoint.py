@@ -63,7 +63,8 @@ def saved_block(name: str, s: dict, n: int, group: dict) -> int:
     for block in candidates:
         if Q.scale_count(n, block) == scales:
             return block
-    raise ValueError(f"state of {name}: 'absmax1' has {scales} scales, which its block size "
+    which = "its recorded block_size" if "block_size" in s else "its block size"
+    raise ValueError(f"state of {name}: 'absmax1' has {scales} scales, which {which} "
                      f"({' or '.join(map(str, candidates))}; 0 = one per tensor) does not give for {n} elements")
 
 
@@ -161,7 +162,7 @@ def _converted(opt: "Adagrad", name: str, state: dict, p: Tensor, config: dict, 
     new: dict = {"step": (step if isinstance(step, Tensor) else torch.tensor(float(step))).to(dev, torch.float32)
                  .reshape(()).clone()}
     block = opt._block(config)
-    if eight_bit and loaded_codes and source_block == block:
+    if eight_bit and loaded_codes and Q.same_blocks(real(p).numel(), source_block, block):
         # same layout: keep the codes, scales and map bit for bit
         qmap = opt._keep_map(s["qmap1"].to(dev, torch.float32).contiguous())
         new["state1"] = s["state1"].to(dev).reshape(real(p).shape).clone(memory_format=torch.contiguous_format)

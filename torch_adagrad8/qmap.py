@@ -87,7 +87,7 @@ def same_blocks(numel: int, a: int, b: int) -> bool:
 def block_scales(values: Tensor, block_size: int) -> Tensor:
     """Largest finite |value| of each block of the flattened tensor (NaN/Inf count as 0)."""
     flat = values.reshape(-1).float()
-    size = block_size if block_size > 0 else max(flat.numel(), 1)
+    size = min(block_size, max(flat.numel(), 1)) if block_size > 0 else max(flat.numel(), 1)  # never padded past one block
     blocks = scale_count(flat.numel(), block_size)
     magnitude = torch.where(torch.isfinite(flat), flat.abs(), 0.0)
     padded = torch.nn.functional.pad(magnitude, (0, blocks * size - flat.numel()))
@@ -96,7 +96,7 @@ def block_scales(values: Tensor, block_size: int) -> Tensor:
 
 def per_element(scales: Tensor, numel: int, block_size: int) -> Tensor:
     """The scale of each element's block, as a flat tensor of numel values."""
-    if block_size == 0:
+    if block_size == 0 or block_size >= numel:  # one block (a saved block size may be huge)
         return scales.expand(numel)
     return scales.repeat_interleave(block_size)[:numel]
 
