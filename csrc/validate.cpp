@@ -293,6 +293,13 @@ void check_step_quantized(at::TensorList params, at::TensorList grads, at::Tenso
   o.check();
 }
 
+void check_counts(at::TensorList counts) {
+  for (size_t i = 0; i < counts.size(); ++i) {
+    check_device(named("counts", i), counts[i], counts[0], named("counts", 0));
+    check_scalar(named("counts", i), counts[i], at::kFloat);
+  }
+}
+
 void check_overlaps(at::TensorList written, at::TensorList read, const c10::List<std::string>& names) {
   const size_t n = written.size() + read.size();
   TORCH_CHECK_VALUE(names.empty() || names.size() == n, "names has ", names.size(), " entries but there are ", n,

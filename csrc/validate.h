@@ -44,6 +44,9 @@ void check_percentile_clip(at::TensorList grads, at::TensorList gnorm_vecs, at::
 // clipping histories too.
 void check_overlaps(at::TensorList written, at::TensorList read, const c10::List<std::string>& names);
 
+// adagrad8::increment's arguments: float32 tensors of one element, all on counts[0]'s device.
+void check_counts(at::TensorList counts);
+
 // Number of scales params of `numel` elements has with `block_size` (0: one per tensor).
 int64_t scale_count(int64_t numel, int64_t block_size);
 

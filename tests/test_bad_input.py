@@ -350,3 +350,37 @@ def test_validate_overlaps_names_a_sparse_tensor():
     written, read = _overlap_args()
     with pytest.raises(ValueError, match=r"^read\[1\] is sparse; only dense tensors are supported$"):
         torch.ops.adagrad8.validate.overlaps(written, [read[0], read[1].to_sparse()], [])
+
+
+@pytest.mark.parametrize("counts,message", [
+    (lambda: [torch.tensor(1.0), torch.tensor(2.0, dtype=torch.float64)],
+     "counts[1] must hold one float32 value, got float64 with 1 elements"),
+    (lambda: [torch.tensor(1.0), torch.zeros(2)], "counts[1] must hold one float32 value, got float32 with 2 elements"),
+    (lambda: [torch.tensor(1.0), torch.tensor(3.0).to_sparse()], "counts[1] is sparse; only dense tensors are supported"),
+])
+def test_increment_checks_every_count_before_writing(counts, message):
+    """adagrad8::increment (an eager step's step counts): the CPU kernel, the kernel other devices
+    run (here on meta tensors) and the fake kernel under torch.compile raise the same message, and
+    no count moves."""
+    cpu = counts()
+    with pytest.raises(ValueError) as eager:
+        torch.ops.adagrad8.increment(cpu)
+    assert str(eager.value) == message and float(cpu[0]) == 1.0
+    with pytest.raises(ValueError) as other:
+        torch.ops.adagrad8.increment([t.to("meta") if not t.is_sparse else t for t in counts()])
+    assert str(other.value) in (message, "counts[1] is on cpu but counts[0] is on meta")
+    if not cpu[1].is_sparse:  # (torch.compile refuses sparse tensors itself)
+        with pytest.raises(Exception) as compiled:
+            _compile_recording(torch.ops.adagrad8.increment.default, [])(cpu)
+        assert message in list(exception_messages(compiled.value)), str(compiled.value)
+        assert float(cpu[0]) == 1.0
+
+
+def test_increment_adds_one_like_add_():
+    """Counts at which adding 1 rounds (2^24 and up) get add_'s result."""
+    values = [0.0, 1.0, 2.0 ** 24 - 1, 2.0 ** 24, 2.0 ** 25 + 2, 1e30, float("inf"), float("nan"), -3.5]
+    ours = [torch.tensor(v) for v in values]
+    torch.ops.adagrad8.increment(ours)
+    for t, v in zip(ours, values):
+        want = torch.tensor(v).add_(1)
+        assert torch.equal(t, want) or (t.isnan() and want.isnan()), v

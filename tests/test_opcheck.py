@@ -54,3 +54,9 @@ def test_opcheck_validate_overlaps(named):
     written, read = [base[:40], torch.randn(3), base[40:40]], [base[50:], base[60:70], torch.randn(())]
     names = [f"t{i}" for i in range(6)] if named else []
     torch.library.opcheck(torch.ops.adagrad8.validate.overlaps, (written, read, names), test_utils=UTILS)
+
+
+@pytest.mark.parametrize("shapes", [[], [()], [(), (1,), ()], [()] * 40], ids=["none", "one", "three", "forty"])
+def test_opcheck_increment(shapes):
+    counts = [torch.full(s, float(i), dtype=torch.float32) for i, s in enumerate(shapes)]
+    torch.library.opcheck(torch.ops.adagrad8.increment.default, (counts,), test_utils=UTILS)

@@ -285,6 +285,13 @@ def check_percentile_clip(grads, gnorm_vecs, steps, percentile, at=None) -> None
     overlaps.check()
 
 
+def check_counts(counts) -> None:
+    """`adagrad8::increment`'s arguments: float32 tensors of one element, all on counts[0]'s device."""
+    for i, t in enumerate(counts):
+        _device(f"counts[{i}]", t, counts[0], "counts[0]")
+        _scalar(f"counts[{i}]", t, torch.float32)
+
+
 def check_overlaps(written, read, names) -> None:
     """The overlap rule alone (`adagrad8::validate.overlaps`): no tensor in written may share
     memory with another; names (written, then read, or empty) name them in the message."""

@@ -31,6 +31,7 @@ PERCENTILE_CLIP = "adagrad8::percentile_clip"
 VALIDATE = "adagrad8::validate"
 VALIDATE_QUANTIZED = "adagrad8::validate.quantized"
 VALIDATE_OVERLAPS = "adagrad8::validate.overlaps"
+INCREMENT = "adagrad8::increment"
 
 
 @torch.library.register_fake(VALIDATE)
@@ -51,6 +52,11 @@ def _step_quantized_fake(params, grads, codes, absmax, qmap, steps, lr, lr_decay
 @torch.library.register_fake(VALIDATE_OVERLAPS)
 def _overlaps_fake(written, read, names):
     _checks.check_overlaps(written, read, names)
+
+
+@torch.library.register_fake(INCREMENT)
+def _increment_fake(counts):
+    _checks.check_counts(counts)
 
 
 @torch.library.register_fake(PERCENTILE_CLIP)
@@ -92,6 +98,11 @@ def step_quantized(params: Sequence[Tensor], grads: Sequence[Tensor], codes: Seq
     """
     torch.ops.adagrad8.step.quantized(params, grads, codes, absmax, qmap, steps, lr, lr_decay, weight_decay, eps,
                                       maximize, gnorm_scales, skip_zeros, block_size, seeds)
+
+
+def increment(counts: Sequence[Tensor]) -> None:
+    """Adds 1 to each count (float32, one element, one device) in place (`adagrad8::increment`)."""
+    torch.ops.adagrad8.increment.default(counts)
 
 
 def percentile_clip(grads: Sequence[Tensor], gnorm_vecs: Sequence[Tensor], steps: Sequence[Tensor],

@@ -125,13 +125,23 @@ void step_quantized_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   kernels().quantized(call);
 }
 
+// Every count is checked before the first is written.
+void increment_cpu(at::TensorList counts) {
+  check_counts(counts);
+  for (const at::Tensor& t : counts) {
+    float* count = t.data_ptr<float>();
+    *count = *count + 1.0f;  // what add_(1) computes
+  }
+}
+
 }  // namespace
 }  // namespace adagrad8::cpu
 
-// CPU kernels for both overloads.
+// CPU kernels for both overloads, and the step counts' increment.
 TORCH_LIBRARY_IMPL(adagrad8, CPU, m) {
   m.impl("step", &adagrad8::cpu::step_cpu);
   m.impl("step.quantized", &adagrad8::cpu::step_quantized_cpu);
+  m.impl("increment", &adagrad8::cpu::increment_cpu);
 }
 
 // Sparse CPU tensors reach the same entry points, whose checks name the sparse argument.
