@@ -468,6 +468,9 @@ def test_hyperparameters_other_than_lr_must_be_numbers():
         A.Adagrad([torch.nn.Parameter(torch.ones(3))], weight_decay=torch.tensor(-1.0))
 
 
+# Inductor says it falls back to eager for the complex copy-back (a fresh cache shows it; a warm
+# one skips the lowering). Expected here: complex parameters step through a real copy.
+@pytest.mark.filterwarnings("ignore:Torchinductor does not support code generation for complex operators")
 @pytest.mark.parametrize("make", [A.Adagrad32bit, lambda ps, **k: A.Adagrad8bit(ps, min_8bit_size=0, **k)],
                          ids=["32bit", "8bit"])
 def test_complex_params_compile(make):
