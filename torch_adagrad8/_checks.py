@@ -285,6 +285,13 @@ def check_percentile_clip(grads, gnorm_vecs, steps, percentile, at=None) -> None
     overlaps.check()
 
 
+def check_block_record(label: str, value) -> None:
+    """The block size an 8-bit state records (`block_size`): an int, not a tensor (reading one
+    would sync) or a float."""
+    if not is_int(value, 0):
+        raise ValueError(f"{label} must be an int >= 0 (0: one scale per tensor), got {value!r}")
+
+
 def check_counts(counts) -> None:
     """`adagrad8::increment`'s arguments: float32 tensors of one element, all on counts[0]'s device."""
     for i, t in enumerate(counts):

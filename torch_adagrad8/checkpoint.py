@@ -129,9 +129,8 @@ def _check_param_state(name: str, state: Any, p: Tensor, group: dict) -> None:
         except ValueError as e:
             raise ValueError(f"state of {name}: {e}") from None
         absmax = _tensor(name, s, "absmax1", "a floating-point tensor", _is_float)
-        if "block_size" in s and not _checks.is_int(s["block_size"], 0):
-            raise ValueError(f"state of {name}: 'block_size' must be an int >= 0 (0: one scale per tensor), "
-                             f"got {s['block_size']!r}")
+        if "block_size" in s:
+            _checks.check_block_record(f"state of {name}: 'block_size'", s["block_size"])
         saved_block(name, s, n, group)
         if not bool((torch.isfinite(absmax) & (absmax >= 0)).all()):
             raise ValueError(f"state of {name}: 'absmax1' holds negative or non-finite scales")
@@ -172,10 +171,10 @@ def _converted(opt: "Adagrad", name: str, state: dict, p: Tensor, config: dict, 
         qmap = opt._map_on(config, dev)
         codes, absmax = Q.quantize(real(accumulator(s, p, source_block).to(dev)), qmap, block)
         new["state1"], new["absmax1"], new["qmap1"] = codes, absmax, qmap
-    if eight_bit:
-        new["block_size"] = block
     else:
         new["sum"] = real(accumulator(s, p, source_block).to(dev)).clone(memory_format=torch.contiguous_format)
+    if eight_bit:
+        new["block_size"] = block
     # a missing clipping history or seed is made by the next step (the history then starts over)
     vec, seed = s.get("gnorm_vec"), s.get("seed")
     if config["percentile_clipping"] < 100 and vec is not None and vec.numel() == 100:

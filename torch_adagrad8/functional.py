@@ -194,9 +194,7 @@ def op_calls(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence
                                  f"stochastic_rounding={stochastic_rounding} need; make it with init_state")
         made = state.get("block_size", block_size) if eight_bit else block_size
         if type(made) is not int or made != block_size:  # (a tensor's != would sync)
-            if not _checks.is_int(made, 0):
-                raise ValueError(f"states[{i}]['block_size'] must be an int >= 0 (0: one scale per tensor), "
-                                 f"got {made!r}")
+            _checks.check_block_record(f"states[{i}]['block_size']", made)
             if not Q.same_blocks(p.numel(), made, block_size):
                 raise ValueError(f"states[{i}] holds 8-bit state made with block_size={made}, but this step asks for "
                                  f"block_size={block_size} (0: one scale per tensor); the blocks differ")
