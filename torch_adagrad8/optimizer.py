@@ -279,8 +279,9 @@ class Adagrad(torch.optim.Optimizer):
         """(group index, index in the group, group, param, its local tensor, the gradient the op reads
         (local, as real numbers, contiguous), config, state or None, flat index) of every parameter to
         step. Raises before anything is written. A state's kind (8- or 32-bit) is fixed when it is
-        created; whether it still fits a changed config is checked by the op, and named by
-        _check_state_fits when that fails (also under torch.compile: tests/test_compile.py). (Runs per
+        created; whether it still fits a changed config is checked by functional.op_calls (the recorded
+        block size) and the op (the scale count), and named by _check_state_fits when one of them
+        fails (also under torch.compile: tests/test_compile.py). (Runs per
         parameter on every eager step: the common case is kept to a few attribute reads and one state
         lookup.)"""
         todo = []
