@@ -221,7 +221,7 @@ def test_instruction_sets_give_identical_bits(tmp_path):
         make_case([(100_003,), (77,)], dtype, kind, stochastic=kind == "blockwise", skip_zeros=True, weight_decay=0.1)
         for kind in KINDS
         for dtype in DTYPES
-    ] + wide_range_cases()
+    ] + wide_range_cases() + quotient_cases()
     torch.save([(c.kind, c.args, c.kwargs) for c in cases], tmp_path / "in.pt")
     results = {}
     for cap, env in KERNEL_VARIANTS.items():
@@ -472,6 +472,68 @@ def wide_range_cases():
             case.args = tuple(args)
             cases.append(case)
     return cases
+
+
+def float_roots(targets):
+    """g with fl(g * g) == t for each float32 target t, where a float32 near sqrt(t) has it (about
+    half of all floats are such squares), and where it does."""
+    g0 = targets.double().sqrt().float()
+    found = torch.zeros_like(targets, dtype=torch.bool)
+    root = torch.zeros_like(targets)
+    for k in range(-4, 5):  # float32 neighbours of the first guess
+        g = g0
+        for _ in range(abs(k)):
+            g = torch.nextafter(g, torch.full_like(g, math.copysign(math.inf, k)))
+        ok = ~found & (g * g == targets)
+        root, found = torch.where(ok, g, root), found | ok
+    return root, found
+
+
+def quotient_cases():
+    """Block scales where dividing by a rounded reciprocal is hardest: float32 significands whose
+    reciprocal's rounding error is near half an ulp (and 1.0, and all ones), times 2^k from inside the
+    kernel's fast range of scales [2^-60, 2^60] to outside it. Old scales are 0, so a new accumulator
+    is exactly fl(g * g): element 0's is the block's scale S; half of the others are within 3 ulps of
+    fl(midpoint * S) for a random midpoint of the map (where a quotient 1 ulp off changes the code),
+    the rest span 2^-140..1 of S (underflowing ones, exact zeros among them)."""
+    gen = torch.Generator().manual_seed(8)
+    m = 1 + torch.randint(0, 2**23, (40_000,), generator=gen).float() / 2**23
+    error = ((1 / m).double() - 1 / m.double()).abs()  # float32 1/m is correctly rounded
+    significands = torch.cat([torch.tensor([1.0, 2 - 2.0**-23]), m[error.argsort(descending=True)[:200]]])
+    scales = torch.cat([significands * 2.0**k for k in (-80, -61, -60, -59, -31, -1, 0, 1, 30, 59, 60, 61)])
+    root, found = float_roots(scales)
+    scales, root = scales[found], root[found]
+    n = len(scales)
+    assert n > 1000, n
+    cases = []
+    for qmap in (Q.unsigned_map(), Q.tapered_map()):  # tapered: values below 2^-30, bucket 0 searches
+        mid = ((qmap[:-1] + qmap[1:]) / 2)[qmap[:-1] >= 0]
+        near = mid[torch.randint(0, len(mid), (n, 128), generator=gen)] * scales[:, None]
+        toward = torch.where(torch.rand(n, 128, generator=gen) < 0.5, math.inf, 0.0)  # up or down
+        for _ in range(3):  # 0 to 3 ulps away
+            step = torch.rand(n, 128, generator=gen) < 0.5
+            near = torch.where(step, torch.nextafter(near, toward), near)
+        near_root, _ = float_roots(near)  # 0 where none: an exact zero
+        spread = torch.exp2(-torch.randint(0, 141, (n, 127), generator=gen).float() / 2)
+        rest = root[:, None] * 0.99 * spread * torch.rand(n, 127, generator=gen)
+        rest[:, ::13] = 0.0
+        grads = torch.cat([root[:, None], near_root, rest], 1).reshape(-1)
+        case = make_case([(n * 256,)], torch.float32, "blockwise", seed=3)
+        args = list(case.args)
+        args[1], args[2], args[3] = [grads], [torch.zeros(n * 256, dtype=torch.uint8)], [torch.zeros(n)]
+        args[4] = qmap.contiguous()
+        case.args = tuple(args)
+        cases.append(case)
+    return cases
+
+
+def test_scales_divided_without_the_divider_match_reference():
+    """The encoder's quotients s / scale by a reciprocal and two FMA corrections (kernels.cpp's
+    Quotient) are the division's bits; the new scales really are the adversarial ones."""
+    for case in quotient_cases():
+        native = check_against_reference(case)
+        grads = case.args[1][0].view(-1, 256)
+        assert torch.equal(native.args[3][0], grads[:, 0] * grads[:, 0])
 
 
 def test_lookup_edge_lanes_match_reference():

@@ -774,6 +774,44 @@ constexpr int64_t kTile = 4096;
 // elements) and about 4% less at 16M with two.
 constexpr int64_t kRun = 1024;
 
+#ifdef ADAGRAD8_VECTOR_CODES
+// update_tile's work on the MapDecoder::kDecodeWidth elements at j: decodes their codes under the
+// scale lanes, updates them, stores the new accumulator values to s + j (WriteParams) and folds them
+// into vmax.
+template <typename T, bool WriteParams>
+inline void update_chunk(T* param, const T* grad, const uint8_t* codes, float* s, int64_t j, const MapDecoder& map,
+                         const fVec& scale, const StepConfig& c, const Lanes& k, bool read_params, fVec& vmax) {
+  constexpr int64_t kWidth = MapDecoder::kDecodeWidth;
+  static_assert(kWidth % kLane<T> == 0);
+  prefetch(grad, j + kPrefetch, kWidth);
+  if (read_params) prefetch(param, j + kPrefetch, kWidth);
+  prefetch(codes, j + kPrefetch, kWidth);
+  fVec sv[kWidth / fVec::size()];
+  map.decode(codes + j, sv);
+  for (int64_t c0 = 0; c0 < kWidth; c0 += kLane<T>) {
+    fVec p[kParts<T>], g[kParts<T>];
+    if (read_params) load_float(param + j + c0, p);
+    load_float(grad + j + c0, g);
+    for (int q = 0; q < kParts<T>; ++q) {
+      fVec& sq = sv[c0 / fVec::size() + q];
+      sq = sq * scale;
+      if constexpr (WriteParams) {
+        update_vec(p[q], g[q], sq, c, k);
+        sq.store(s + j + c0 + q * fVec::size());
+      } else {  // the max pass keeps nothing but the max
+        accumulate_vec(p[q], g[q], sq, c, k);
+      }
+      vmax = max_finite_abs(vmax, sq);
+    }
+    if constexpr (WriteParams) store_float(param + j + c0, p);
+  }
+}
+
+inline float lane_max(const fVec& v) {  // the largest lane (lanes are finite)
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, v);
+}
+#endif
+
 // The new accumulator values of the len elements at i0, from codes under old_absmax. With
 // WriteParams they go into s and the parameters are updated; without, s is scratch (the max
 // pass). Returns the largest finite new value (the block scale's candidate, ALGORITHM.md §6).
@@ -791,37 +829,11 @@ float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, flo
 #ifdef ADAGRAD8_VECTOR_CODES
   const Lanes k(c, it);
   const fVec scale(old_absmax);
-  const MapDecoder& map = book.decoder;
-  constexpr int64_t kWidth = MapDecoder::kDecodeWidth;
-  static_assert(kWidth % kLane<T> == 0);
   fVec vmax(0.0f);
-  for (; j + kWidth <= len; j += kWidth) {
-    prefetch(grad, j + kPrefetch, kWidth);
-    if (read_params) prefetch(param, j + kPrefetch, kWidth);
-    prefetch(codes, j + kPrefetch, kWidth);
-    fVec sv[kWidth / fVec::size()];
-    map.decode(codes + j, sv);
-    for (int64_t c0 = 0; c0 < kWidth; c0 += kLane<T>) {
-      fVec p[kParts<T>], g[kParts<T>];
-      if (read_params) load_float(param + j + c0, p);
-      load_float(grad + j + c0, g);
-      for (int q = 0; q < kParts<T>; ++q) {
-        fVec& sq = sv[c0 / fVec::size() + q];
-        sq = sq * scale;
-        if constexpr (WriteParams) {
-          update_vec(p[q], g[q], sq, c, k);
-          sq.store(s + j + c0 + q * fVec::size());
-        } else {  // the max pass keeps nothing but the max
-          accumulate_vec(p[q], g[q], sq, c, k);
-        }
-        vmax = max_finite_abs(vmax, sq);
-      }
-      if constexpr (WriteParams) store_float(param + j + c0, p);
-    }
+  for (; j + MapDecoder::kDecodeWidth <= len; j += MapDecoder::kDecodeWidth) {
+    update_chunk<T, WriteParams>(param, grad, codes, s, j, book.decoder, scale, c, k, read_params, vmax);
   }
-  alignas(64) float lanes[fVec::size()];
-  vmax.store(lanes);
-  for (float v : lanes) m = std::max(m, v);
+  m = lane_max(vmax);
 #endif
   for (; j < len; ++j) {
     float p = read_params ? static_cast<float>(param[j]) : 0.0f;
@@ -836,6 +848,46 @@ float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, flo
   }
   return m;
 }
+
+#ifdef ADAGRAD8_VECTOR_CODES
+// s / absmax on lanes: normalize()'s quotient, computed without the divider where the caller allows
+// it (fast): step_run_pipelined, whose update beside the encoder keeps the divider busy with its
+// square root and division. Fast, with y = RN(1 / absmax):
+//   q = RN(s * y), x = RN(q + RN(s - q * absmax) * y), then once more from x (FMAs throughout).
+// q is within 2 ulps of s / absmax, so x is within 1 ulp, and by Markstein's theorem (y within half
+// an ulp of 1 / absmax, x within 1 ulp, no underflow; docs/decisions.md) the second correction gives
+// RN(s / absmax) exactly: bit for bit the division, for finite s in [0, absmax] whose quotient is
+// at least 2^-60, when absmax is in [2^-60, 2^60]. Smaller quotients come out below 2^-59 or outside
+// [0, 1] instead: only a caller whose codes are the same for every x in [0, 2^-30) may pass fast
+// (nearest rounding through the bucket table: one count for all of bucket 0, or the exact search that
+// redoes the lane from normalize()). Outside that range of scales, and without fast, it divides.
+class Quotient {
+ public:
+  Quotient(float absmax, bool fast)
+      : absmax_(absmax),
+        mode_(!(absmax > 0.0f) ? kCopy : fast && absmax >= 0x1p-60f && absmax <= 0x1p60f ? kMarkstein : kDivide),
+        scale_(absmax),
+        neg_scale_(-absmax),
+        inverse_(1.0f / absmax) {}
+
+  float absmax() const { return absmax_; }
+
+  fVec operator()(const fVec& s) const {
+    if (mode_ == kMarkstein) {
+      const fVec q = s * inverse_;
+      const fVec x = at::vec::fmadd(at::vec::fmadd(q, neg_scale_, s), inverse_, q);
+      return at::vec::fmadd(at::vec::fmadd(x, neg_scale_, s), inverse_, x);
+    }
+    return mode_ == kDivide ? s / scale_ : s;
+  }
+
+ private:
+  enum Mode { kCopy, kMarkstein, kDivide };  // kCopy: absmax 0 or below (normalize() leaves s)
+  float absmax_;
+  Mode mode_;
+  fVec scale_, neg_scale_, inverse_;
+};
+#endif
 
 // Codes of the len new accumulator values s of the elements at i0 under new_absmax. Everything
 // the loop reads is copied into locals first: code stores are uint8_t, which may alias anything,
@@ -858,13 +910,11 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
   constexpr int64_t V = fVec::size();
   constexpr int64_t W = MapDecoder::kWidth;  // two vectors
   static_assert(W == 2 * V);
-  const bool scaled = new_absmax > 0.0f;
-  const fVec scale(new_absmax);
+  // The divider: in a loop of its own the encoder waits on the gathers and the vector ports, and the
+  // FMAs of Quotient's fast mode would cost more than the idle divider's division (step_run_pipelined).
+  const Quotient div(new_absmax, /*fast=*/false);
   const iVec iota = iVec::arange(0, 1);
-  const auto load = [s, scaled, &scale](int64_t e) {
-    const fVec x = fVec::loadu(s + e);
-    return scaled ? x / scale : x;
-  };
+  const auto load = [s, &div](int64_t e) { return div(fVec::loadu(s + e)); };
   const auto uniform = [stream, i0, &iota](int64_t e) {  // the stochastic-rounding numbers of V lanes at e
     return uniform_vec(span_key(stream, i0 + e), i0 + e, iota);
   };
@@ -1074,7 +1124,7 @@ float max_range(const Call& call, const Item& it, int64_t begin, int64_t end, fl
           square = max_finite_abs(square, e * e);
         }
       }
-      const float largest = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, square);
+      const float largest = lane_max(square);
       prefetch(it.codes, i + kPrefetch, kGroup);
       const float bound = book.q[max_code(it.codes + i, kGroup)] * old_absmax + largest;
       if (!(bound <= m)) m = std::max(m, update_tile<T, false>(call, it, i, kGroup, old_absmax, book, buf));
@@ -1125,6 +1175,74 @@ void step_run(const Call& call, const Item& it, int64_t begin, int64_t end, cons
     }
   }
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The codes of the MapDecoder::kDecodeWidth values at s under div's scale: nearest rounding through
+// the bucket table.
+inline void nearest_chunk(const Codebook& book, uint8_t* codes, const float* s, const Quotient& div) {
+  for (int64_t e = 0; e < MapDecoder::kDecodeWidth; e += fVec::size()) {
+    LaneMask search;
+    store_codes(codes + e, book.nearest(div(fVec::loadu(s + e)), search));
+    if (any_lane(search)) {  // rare: x outside [0, 1] (NaN, Inf) or a crowded bucket
+      for (int64_t k = e; k < e + fVec::size(); ++k) codes[k] = book.nearest(normalize(s[k], div.absmax()));
+    }
+  }
+}
+
+// step_run for nearest rounding through the bucket table (Call::gather_codes) and blocks that are a
+// multiple of the decode width: each block's update goes chunk by chunk together with the encoding of
+// the block before it, whose scale is known by then. The update waits on the divider (the square root
+// and the division of ALGORITHM.md's step), the encoder on the gathers and the vector ports; apart,
+// their times add up, interleaved they overlap (Xeon, 2 threads, 16M elements: 0.37 -> 0.31 ns per
+// element; docs/performance.md). That needs the encoder off the divider: Quotient. Results are those
+// of step_run: the same values are computed, in another order.
+template <typename T>
+void step_run_pipelined(const Call& call, const Item& it, int64_t begin, int64_t end, const Codebook& book,
+                        float* buf) {
+  constexpr int64_t kWidth = MapDecoder::kDecodeWidth;
+  static_assert(2 * kRun + 32 <= kTile, "two block buffers in the caller's kTile floats");
+  const int64_t B = it.block;
+  T* param = static_cast<T*>(it.param);
+  const T* grad = static_cast<const T*>(it.grad);
+  const StepConfig c = call.config;
+  const Lanes k(c, it);
+  // One block's new values each; 4 KB + 128 bytes apart, so that a store to one and a load from the
+  // other never look alike to the store buffer (4K aliasing).
+  float* const bufs[2] = {buf, buf + kRun + 32};
+  int cur = 0;
+  int64_t prev = -1, prev_len = 0;  // the block waiting for its encoding (values in bufs[cur ^ 1])
+  float prev_scale = 0.0f;
+  const auto finish_prev = [&] {  // encodes the waiting block alone
+    encode_tile(call, it, prev, prev_len, prev_scale, book, bufs[cur ^ 1]);
+    it.absmax[prev / B] = prev_scale;
+  };
+  for (int64_t b = begin; b < end; b += B) {
+    const int64_t len = std::min(end, b + B) - b;
+    float scale;
+    if (prev >= 0 && len == B) {
+      float* s = bufs[cur] - b;  // indexed by element
+      const float* prev_s = bufs[cur ^ 1];
+      const fVec old(it.absmax[b / B]);
+      const Quotient div(prev_scale, /*fast=*/true);
+      fVec vmax(0.0f);
+      for (int64_t j = 0; j < B; j += kWidth) {
+        update_chunk<T, true>(param, grad, it.codes, s, b + j, book.decoder, old, c, k, true, vmax);
+        nearest_chunk(book, it.codes + prev + j, prev_s + j, div);
+      }
+      scale = lane_max(vmax);
+      it.absmax[prev / B] = prev_scale;
+    } else {  // the first block, or a last one shorter than the rest
+      if (prev >= 0) finish_prev();
+      scale = update_tile<T, true>(call, it, b, len, it.absmax[b / B], book, bufs[cur]);
+    }
+    prev = b;
+    prev_len = len;
+    prev_scale = scale;
+    cur ^= 1;
+  }
+  if (prev >= 0) finish_prev();
+}
+#endif
 
 struct Span {
   int32_t item;
@@ -1216,6 +1334,12 @@ void quantized_typed(const Call& call) {
         continue;
       }
       if (it.block <= kRun) {
+#if defined(CPU_CAPABILITY_AVX512)
+        if (!call.stochastic && call.gather_codes && it.block % MapDecoder::kDecodeWidth == 0) {
+          step_run_pipelined<T>(call, it, sp.begin, sp.end, *book, buf);
+          continue;
+        }
+#endif
         step_run<T>(call, it, sp.begin, sp.end, *book, buf);
         continue;
       }
