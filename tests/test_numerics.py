@@ -490,12 +490,13 @@ def float_roots(targets):
 
 
 def quotient_cases():
-    """Block scales where dividing by a rounded reciprocal is hardest: float32 significands whose
+    """Scales where dividing by a rounded reciprocal is hardest: float32 significands whose
     reciprocal's rounding error is near half an ulp (and 1.0, and all ones), times 2^k from inside the
-    kernel's fast range of scales [2^-60, 2^60] to outside it. Old scales are 0, so a new accumulator
-    is exactly fl(g * g): element 0's is the block's scale S; half of the others are within 3 ulps of
-    fl(midpoint * S) for a random midpoint of the map (where a quotient 1 ulp off changes the code),
-    the rest span 2^-140..1 of S (underflowing ones, exact zeros among them)."""
+    kernel's fast range of scales [2^-60, 2^60] to outside it; as block-wise blocks of 256 and as
+    tensor-wise tensors of 4160 (which take the kernel's write pass). Old scales are 0, so a new
+    accumulator is exactly fl(g * g): element 0's is the scale S; half of the others are within 3
+    ulps of fl(midpoint * S) for a random midpoint of the map (where a quotient 1 ulp off changes the
+    code), the rest span 2^-140..1 of S (underflowing ones, exact zeros among them)."""
     gen = torch.Generator().manual_seed(8)
     m = 1 + torch.randint(0, 2**23, (40_000,), generator=gen).float() / 2**23
     error = ((1 / m).double() - 1 / m.double()).abs()  # float32 1/m is correctly rounded
@@ -503,27 +504,37 @@ def quotient_cases():
     scales = torch.cat([significands * 2.0**k for k in (-80, -61, -60, -59, -31, -1, 0, 1, 30, 59, 60, 61)])
     root, found = float_roots(scales)
     scales, root = scales[found], root[found]
-    n = len(scales)
-    assert n > 1000, n
+    assert len(scales) > 1000, len(scales)
     cases = []
-    for qmap in (Q.unsigned_map(), Q.tapered_map()):  # tapered: values below 2^-30, bucket 0 searches
-        mid = ((qmap[:-1] + qmap[1:]) / 2)[qmap[:-1] >= 0]
-        near = mid[torch.randint(0, len(mid), (n, 128), generator=gen)] * scales[:, None]
-        toward = torch.where(torch.rand(n, 128, generator=gen) < 0.5, math.inf, 0.0)  # up or down
-        for _ in range(3):  # 0 to 3 ulps away
-            step = torch.rand(n, 128, generator=gen) < 0.5
-            near = torch.where(step, torch.nextafter(near, toward), near)
-        near_root, _ = float_roots(near)  # 0 where none: an exact zero
-        spread = torch.exp2(-torch.randint(0, 141, (n, 127), generator=gen).float() / 2)
-        rest = root[:, None] * 0.99 * spread * torch.rand(n, 127, generator=gen)
-        rest[:, ::13] = 0.0
-        grads = torch.cat([root[:, None], near_root, rest], 1).reshape(-1)
-        case = make_case([(n * 256,)], torch.float32, "blockwise", seed=3)
-        args = list(case.args)
-        args[1], args[2], args[3] = [grads], [torch.zeros(n * 256, dtype=torch.uint8)], [torch.zeros(n)]
-        args[4] = qmap.contiguous()
-        case.args = tuple(args)
-        cases.append(case)
+    for kind, width, n in (("blockwise", 256, len(scales)), ("tensorwise", 4160, 64)):
+        for qmap in (Q.unsigned_map(), Q.tapered_map()):  # tapered: values below 2^-30, bucket 0 searches
+            pick = torch.randperm(len(scales), generator=gen)[:n]
+            scale, first = scales[pick], root[pick]
+            half = width // 2
+            mid = ((qmap[:-1] + qmap[1:]) / 2)[qmap[:-1] >= 0]
+            near = mid[torch.randint(0, len(mid), (n, half), generator=gen)] * scale[:, None]
+            toward = torch.where(torch.rand(n, half, generator=gen) < 0.5, math.inf, 0.0)  # up or down
+            for _ in range(3):  # 0 to 3 ulps away
+                step = torch.rand(n, half, generator=gen) < 0.5
+                near = torch.where(step, torch.nextafter(near, toward), near)
+            near_root, hit = float_roots(near)
+            # where none, a plain value (not 0: with the tapered map a 0 would send its lanes to the search)
+            near_root = torch.where(hit, near_root, first[:, None] * 0.75)
+            spread = torch.exp2(-torch.randint(0, 141, (n, width - half - 1), generator=gen).float() / 2)
+            rest = first[:, None] * 0.99 * spread * torch.rand(n, width - half - 1, generator=gen)
+            rest[:, ::13] = 0.0
+            grads = torch.cat([first[:, None], near_root, rest], 1)
+            if kind == "blockwise":
+                case = make_case([(n * width,)], torch.float32, kind, seed=3)
+                grads, codes, absmax = [grads.reshape(-1)], [torch.zeros(n * width, dtype=torch.uint8)], [torch.zeros(n)]
+            else:
+                case = make_case([(width,)] * n, torch.float32, kind, seed=3)
+                codes = [torch.zeros(width, dtype=torch.uint8) for _ in range(n)]
+                grads, absmax = list(grads), [torch.zeros(1) for _ in range(n)]
+            args = list(case.args)
+            args[1], args[2], args[3], args[4] = grads, codes, absmax, qmap.contiguous()
+            case.args = tuple(args)
+            cases.append(case)
     return cases
 
 
@@ -532,8 +543,8 @@ def test_scales_divided_without_the_divider_match_reference():
     Quotient) are the division's bits; the new scales really are the adversarial ones."""
     for case in quotient_cases():
         native = check_against_reference(case)
-        grads = case.args[1][0].view(-1, 256)
-        assert torch.equal(native.args[3][0], grads[:, 0] * grads[:, 0])
+        first = torch.stack([g.view(-1, 256 if case.kind == "blockwise" else g.numel())[:, 0] for g in case.args[1]])
+        assert torch.equal(torch.cat(native.args[3]), (first * first).reshape(-1))
 
 
 def test_lookup_edge_lanes_match_reference():

@@ -1076,11 +1076,51 @@ inline void encode_tile(const Call& call, const Item& it, int64_t i0, int64_t le
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// The codes of the MapDecoder::kDecodeWidth values at s under div's scale: nearest rounding through
+// the bucket table.
+inline void nearest_chunk(const Codebook& book, uint8_t* codes, const float* s, const Quotient& div) {
+  for (int64_t e = 0; e < MapDecoder::kDecodeWidth; e += fVec::size()) {
+    LaneMask search;
+    store_codes(codes + e, book.nearest(div(fVec::loadu(s + e)), search));
+    if (any_lane(search)) {  // rare: x outside [0, 1] (NaN, Inf) or a crowded bucket
+      for (int64_t k = e; k < e + fVec::size(); ++k) codes[k] = book.nearest(normalize(s[k], div.absmax()));
+    }
+  }
+}
+
+#endif
+
 // Updates the elements [begin, end) of one block and stores their accumulator under
 // new_absmax (already known: the block's max was taken first).
 template <typename T>
 void write_range(const Call& call, const Item& it, int64_t begin, int64_t end, float old_absmax,
                  float new_absmax, const Codebook& book, float* buf) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // Nearest rounding through the bucket table: each chunk encoded right after its update, so that the
+  // two overlap as in step_run_pipelined (the scale is known here). Tensor-wise steps, Xeon: 0.55-0.61
+  // -> 0.50-0.56 ns per element at 16M with two threads, 0.82-0.84 -> 0.78 on one thread at 65536.
+  if (!call.stochastic && call.gather_codes) {
+    constexpr int64_t kWidth = MapDecoder::kDecodeWidth;
+    T* param = static_cast<T*>(it.param);
+    const T* grad = static_cast<const T*>(it.grad);
+    const StepConfig c = call.config;
+    const Lanes k(c, it);
+    const fVec old(old_absmax);
+    const Quotient div(new_absmax, /*fast=*/true);
+    fVec unused_max(0.0f);
+    int64_t i = begin;
+    for (; i + kWidth <= end; i += kWidth) {
+      update_chunk<T, true>(param, grad, it.codes, buf - i, i, book.decoder, old, c, k, true, unused_max);
+      nearest_chunk(book, it.codes + i, buf, div);
+    }
+    if (i < end) {
+      update_tile<T, true>(call, it, i, end - i, old_absmax, book, buf);
+      encode_tile(call, it, i, end - i, new_absmax, book, buf);
+    }
+    return;
+  }
+#endif
   for (int64_t i = begin; i < end; i += kRun) {
     const int64_t len = std::min(kRun, end - i);
     update_tile<T, true>(call, it, i, len, old_absmax, book, buf);
@@ -1177,18 +1217,6 @@ void step_run(const Call& call, const Item& it, int64_t begin, int64_t end, cons
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// The codes of the MapDecoder::kDecodeWidth values at s under div's scale: nearest rounding through
-// the bucket table.
-inline void nearest_chunk(const Codebook& book, uint8_t* codes, const float* s, const Quotient& div) {
-  for (int64_t e = 0; e < MapDecoder::kDecodeWidth; e += fVec::size()) {
-    LaneMask search;
-    store_codes(codes + e, book.nearest(div(fVec::loadu(s + e)), search));
-    if (any_lane(search)) {  // rare: x outside [0, 1] (NaN, Inf) or a crowded bucket
-      for (int64_t k = e; k < e + fVec::size(); ++k) codes[k] = book.nearest(normalize(s[k], div.absmax()));
-    }
-  }
-}
-
 // step_run for nearest rounding through the bucket table (Call::gather_codes) and blocks that are a
 // multiple of the decode width: each block's update goes chunk by chunk together with the encoding of
 // the block before it, whose scale is known by then. The update waits on the divider (the square root
