@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from conftest import DTYPES, KINDS, OPTIONS, SIZES, Case, assert_same, make_case, reference_impl
-from torch_adagrad8 import _ops, qmap as Q
+from torch_adagrad8 import _ops, qmap as Q, reference
 
 
 def check_against_reference(case):
@@ -493,10 +494,11 @@ def quotient_cases():
     """Scales where dividing by a rounded reciprocal is hardest: float32 significands whose
     reciprocal's rounding error is near half an ulp (and 1.0, and all ones), times 2^k from inside the
     kernel's fast range of scales [2^-60, 2^60] to outside it; as block-wise blocks of 256 and as
-    tensor-wise tensors of 4160 (which take the kernel's write pass). Old scales are 0, so a new
+    tensor-wise tensors of 4160 (which take the kernel's write pass), nearest and stochastic rounding. Old scales are 0, so a new
     accumulator is exactly fl(g * g): element 0's is the scale S; half of the others are within 3
-    ulps of fl(midpoint * S) for a random midpoint of the map (where a quotient 1 ulp off changes the
-    code), the rest span 2^-140..1 of S (underflowing ones, exact zeros among them)."""
+    ulps of fl(t * S) where a quotient 1 ulp off from t changes the code (nearest: t a midpoint of the
+    map; stochastic: t = q[lo] + u * (q[lo + 1] - q[lo]) with the element's random number u), the
+    rest span 2^-140..1 of S (underflowing ones, exact zeros among them)."""
     gen = torch.Generator().manual_seed(8)
     m = 1 + torch.randint(0, 2**23, (40_000,), generator=gen).float() / 2**23
     error = ((1 / m).double() - 1 / m.double()).abs()  # float32 1/m is correctly rounded
@@ -506,13 +508,25 @@ def quotient_cases():
     scales, root = scales[found], root[found]
     assert len(scales) > 1000, len(scales)
     cases = []
-    for kind, width, n in (("blockwise", 256, len(scales)), ("tensorwise", 4160, 64)):
+    for (kind, width, n), stochastic in itertools.product((("blockwise", 256, len(scales)), ("tensorwise", 4160, 64)),
+                                                        (False, True)):
         for qmap in (Q.unsigned_map(), Q.tapered_map()):  # tapered: values below 2^-30, bucket 0 searches
             pick = torch.randperm(len(scales), generator=gen)[:n]
             scale, first = scales[pick], root[pick]
+            if kind == "blockwise":
+                case = make_case([(n * width,)], torch.float32, kind, stochastic=stochastic, seed=3)
+            else:
+                case = make_case([(width,)] * n, torch.float32, kind, stochastic=stochastic, seed=3)
             half = width // 2
-            mid = ((qmap[:-1] + qmap[1:]) / 2)[qmap[:-1] >= 0]
-            near = mid[torch.randint(0, len(mid), (n, half), generator=gen)] * scale[:, None]
+            if stochastic:  # x = q[lo] + u * (q[lo + 1] - q[lo]), u the element's random number
+                seeds, steps = case.kwargs["seeds"], case.args[5]
+                u = torch.cat([reference.uniforms(seeds[i], steps[i], n * width // len(seeds))
+                               for i in range(len(seeds))]).view(n, width)[:, 1:half + 1]
+                lo = torch.randint(int((qmap < 0).sum()), 255, (n, half), generator=gen)
+                near = (qmap[lo] + u * (qmap[lo + 1] - qmap[lo])) * scale[:, None]
+            else:  # midpoints of the map
+                mid = ((qmap[:-1] + qmap[1:]) / 2)[qmap[:-1] >= 0]
+                near = mid[torch.randint(0, len(mid), (n, half), generator=gen)] * scale[:, None]
             toward = torch.where(torch.rand(n, half, generator=gen) < 0.5, math.inf, 0.0)  # up or down
             for _ in range(3):  # 0 to 3 ulps away
                 step = torch.rand(n, half, generator=gen) < 0.5
@@ -525,10 +539,8 @@ def quotient_cases():
             rest[:, ::13] = 0.0
             grads = torch.cat([first[:, None], near_root, rest], 1)
             if kind == "blockwise":
-                case = make_case([(n * width,)], torch.float32, kind, seed=3)
                 grads, codes, absmax = [grads.reshape(-1)], [torch.zeros(n * width, dtype=torch.uint8)], [torch.zeros(n)]
             else:
-                case = make_case([(width,)] * n, torch.float32, kind, seed=3)
                 codes = [torch.zeros(width, dtype=torch.uint8) for _ in range(n)]
                 grads, absmax = list(grads), [torch.zeros(1) for _ in range(n)]
             args = list(case.args)

@@ -858,9 +858,10 @@ float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, flo
 // an ulp of 1 / absmax, x within 1 ulp, no underflow; docs/decisions.md) the second correction gives
 // RN(s / absmax) exactly: bit for bit the division, for finite s in [0, absmax] whose quotient is
 // at least 2^-60, when absmax is in [2^-60, 2^60]. Smaller quotients come out below 2^-59 or outside
-// [0, 1] instead: only a caller whose codes are the same for every x in [0, 2^-30) may pass fast
-// (nearest rounding through the bucket table: one count for all of bucket 0, or the exact search that
-// redoes the lane from normalize()). Outside that range of scales, and without fast, it divides.
+// [0, 1] instead, and a caller must not depend on their bits: nearest rounding through the bucket
+// table gives all of [0, 2^-30) one count or sends the lane to the exact search (which divides);
+// stochastic rounding, whose fraction uses x itself, redoes the lanes inexact() marks. Outside that
+// range of scales, and without fast, it divides.
 class Quotient {
  public:
   Quotient(float absmax, bool fast)
@@ -868,9 +869,22 @@ class Quotient {
         mode_(!(absmax > 0.0f) ? kCopy : fast && absmax >= 0x1p-60f && absmax <= 0x1p60f ? kMarkstein : kDivide),
         scale_(absmax),
         neg_scale_(-absmax),
-        inverse_(1.0f / absmax) {}
+        inverse_(1.0f / absmax) {
+#if defined(CPU_CAPABILITY_AVX512)
+    // absmax * 2^-60 is exact (absmax >= 2^-60 in that mode)
+    tiny_bits_ = _mm512_set1_epi32(mode_ == kMarkstein ? static_cast<int32_t>(float_bits(absmax * 0x1p-60f) - 1) : 0);
+#endif
+  }
 
   float absmax() const { return absmax_; }
+
+#if defined(CPU_CAPABILITY_AVX512)
+  // Lanes whose fast quotient may differ from the division: 0 < s < absmax * 2^-60. None unless fast.
+  // (As unsigned integers, bits(s) - 1 < bits(absmax * 2^-60) - 1 holds for exactly those s.)
+  LaneMask inexact(const fVec& s) const {
+    return _mm512_cmplt_epu32_mask(_mm512_sub_epi32(_mm512_castps_si512(s), _mm512_set1_epi32(1)), tiny_bits_);
+  }
+#endif
 
   fVec operator()(const fVec& s) const {
     if (mode_ == kMarkstein) {
@@ -886,7 +900,68 @@ class Quotient {
   float absmax_;
   Mode mode_;
   fVec scale_, neg_scale_, inverse_;
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512i tiny_bits_;
+#endif
 };
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Stochastic rounding, staged: the counts lo of MapDecoder::kWidth values x through the bucket table,
+// as 16-bit words capped at 254 (the code below x; the counter's stage 2 stores the same), into est.
+// Returns whether a lane needs the search (x outside [0, 1], a crowded bucket).
+inline bool stage_counts(const Buckets& buckets, const fVec* x, uint16_t* est) {
+  LaneMask search[2];
+  const iVec count[2] = {buckets.count(x[0], search[0]), buckets.count(x[1], search[1])};
+  const __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(count[0])),
+                                           _mm512_cvtepi32_epi16(count[1]), 1);
+  _mm512_store_si512(est, _mm512_min_epu16(words, _mm512_set1_epi16(254)));
+  return any_lane(search[0] | search[1]);
+}
+
+// Stochastic rounding's last stage over n staged values (n a multiple of MapDecoder::kWidth): with
+// lo from est, u from us and x from xs, the code lo + 1 where u < (x - q[lo]) / (q[lo + 1] - q[lo]),
+// else lo (quant.h's quantize_stochastic), the neighbours' values from the map in registers.
+inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* est, const float* us, const float* xs,
+                         int64_t n) {
+  constexpr int64_t W = MapDecoder::kWidth, V = fVec::size();
+  const MapDecoder map = book.decoder;  // a local: kept in registers across the code stores
+  int64_t g = 0;
+#if defined(ADAGRAD8_VBMI)
+  // Two groups at a time through the byte planes: their 64 codes lo as bytes (the low byte of each
+  // word of the two groups), the neighbours' values for all 64 at once.
+  alignas(64) uint8_t low_bytes[64];
+  for (int k = 0; k < 64; ++k) low_bytes[k] = static_cast<uint8_t>(2 * k);  // bit 6: the second group
+  const __m512i pack = _mm512_load_si512(low_bytes);
+  for (; g + 2 * W <= n; g += 2 * W) {
+    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(est + g), pack, _mm512_load_si512(est + g + W));
+    fVec below[4], above[4];
+    map.lookup_bytes(lo, below);
+    map.lookup_bytes(_mm512_add_epi8(lo, _mm512_set1_epi8(1)), above);
+    __mmask64 up = 0;
+    for (int k = 0; k < 4; ++k) {
+      const fVec x = fVec::loadu(xs + g + k * V);
+      const fVec frac = (x - below[k]) / (above[k] - below[k]);
+      up |= static_cast<__mmask64>(_mm512_cmp_ps_mask(fVec::loadu(us + g + k * V), frac, _CMP_LT_OQ)) << (16 * k);
+    }
+    _mm512_storeu_si512(codes + g, _mm512_mask_add_epi8(lo, up, lo, _mm512_set1_epi8(1)));
+  }
+#endif
+  for (; g < n; g += W) {
+    const __m512i lo = _mm512_load_si512(est + g);
+    fVec below[2], above[2];
+    map.lookup_words(lo, below);
+    map.lookup_words(_mm512_add_epi16(lo, _mm512_set1_epi16(1)), above);
+    __mmask32 up = 0;
+    for (int k = 0; k < 2; ++k) {
+      const fVec x = fVec::loadu(xs + g + k * V);
+      const fVec frac = (x - below[k]) / (above[k] - below[k]);
+      up |= static_cast<__mmask32>(_mm512_cmp_ps_mask(fVec::loadu(us + g + k * V), frac, _CMP_LT_OQ)) << (16 * k);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + g),
+                        _mm512_cvtepi16_epi8(_mm512_mask_add_epi16(lo, up, lo, _mm512_set1_epi16(1))));
+  }
+}
 #endif
 
 // Codes of the len new accumulator values s of the elements at i0 under new_absmax. Everything
@@ -978,13 +1053,7 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
       if constexpr (Stochastic) {
         for (int64_t g = 0; g < n; g += W) {
           const fVec x[2] = {load(j + g), load(j + g + V)};
-          LaneMask search[2];
-          const iVec count[2] = {book.buckets.count(x[0], search[0]), book.buckets.count(x[1], search[1])};
-          redo |= static_cast<uint64_t>(any_lane(search[0] | search[1])) << (g / W);
-          // as words in lane order, capped at 254 as the counter's below
-          const __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(count[0])),
-                                                   _mm512_cvtepi32_epi16(count[1]), 1);
-          _mm512_store_si512(est + g, _mm512_min_epu16(words, _mm512_set1_epi16(254)));
+          redo |= static_cast<uint64_t>(stage_counts(book.buckets, x, est + g)) << (g / W);
           keep_for_rounding(g, x);
         }
       } else {  // the counts are the codes: encode_group's own path
@@ -1017,44 +1086,7 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
         }
       }
     }
-    if constexpr (Stochastic) {  // quant.h's quantize_stochastic with q[lo] and q[lo + 1] from registers
-      const MapDecoder map = book.decoder;
-      int64_t g = 0;
-#if defined(ADAGRAD8_VBMI)
-      // Two groups at a time through the byte planes: their 64 codes lo as bytes (the low byte of
-      // each word of the two groups), the neighbours' values for all 64 at once.
-      alignas(64) uint8_t low_bytes[64];
-      for (int k = 0; k < 64; ++k) low_bytes[k] = static_cast<uint8_t>(2 * k);  // bit 6: the second group
-      const __m512i pack = _mm512_load_si512(low_bytes);
-      for (; g + 2 * W <= n; g += 2 * W) {
-        const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(est + g), pack, _mm512_load_si512(est + g + W));
-        fVec below[4], above[4];
-        map.lookup_bytes(lo, below);
-        map.lookup_bytes(_mm512_add_epi8(lo, _mm512_set1_epi8(1)), above);
-        __mmask64 up = 0;
-        for (int k = 0; k < 4; ++k) {
-          const fVec x = fVec::loadu(xs + g + k * V);
-          const fVec frac = (x - below[k]) / (above[k] - below[k]);
-          up |= static_cast<__mmask64>(_mm512_cmp_ps_mask(fVec::loadu(us + g + k * V), frac, _CMP_LT_OQ)) << (16 * k);
-        }
-        _mm512_storeu_si512(codes + j + g, _mm512_mask_add_epi8(lo, up, lo, _mm512_set1_epi8(1)));
-      }
-#endif
-      for (; g < n; g += W) {
-        const __m512i lo = _mm512_load_si512(est + g);
-        fVec below[2], above[2];
-        map.lookup_words(lo, below);
-        map.lookup_words(_mm512_add_epi16(lo, _mm512_set1_epi16(1)), above);
-        __mmask32 up = 0;
-        for (int k = 0; k < 2; ++k) {
-          const fVec x = fVec::loadu(xs + g + k * V);
-          const fVec frac = (x - below[k]) / (above[k] - below[k]);
-          up |= static_cast<__mmask32>(_mm512_cmp_ps_mask(fVec::loadu(us + g + k * V), frac, _CMP_LT_OQ)) << (16 * k);
-        }
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + j + g),
-                            _mm512_cvtepi16_epi8(_mm512_mask_add_epi16(lo, up, lo, _mm512_set1_epi16(1))));
-      }
-    }
+    if constexpr (Stochastic) round_staged(book, codes + j, est, us, xs, n);
     for (; redo != 0; redo &= redo - 1) encode_group(j + W * __builtin_ctzll(redo));
     j += n;
   }
@@ -1217,23 +1249,30 @@ void step_run(const Call& call, const Item& it, int64_t begin, int64_t end, cons
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// step_run for nearest rounding through the bucket table (Call::gather_codes) and blocks that are a
-// multiple of the decode width: each block's update goes chunk by chunk together with the encoding of
-// the block before it, whose scale is known by then. The update waits on the divider (the square root
-// and the division of ALGORITHM.md's step), the encoder on the gathers and the vector ports; apart,
-// their times add up, interleaved they overlap (Xeon, 2 threads, 16M elements: 0.37 -> 0.31 ns per
-// element; docs/performance.md). That needs the encoder off the divider: Quotient. Results are those
-// of step_run: the same values are computed, in another order.
-template <typename T>
+// step_run for rounding through the bucket table (Call::gather_codes) and blocks that are a multiple of
+// the decode width: each block's update goes chunk by chunk together with the encoding of the block
+// before it, whose scale is known by then. The update waits on the divider (the square root and the
+// division of ALGORITHM.md's step), the encoder on the gathers and the vector ports; apart, their
+// times add up, interleaved they overlap (docs/performance.md). That needs the encoder's s / scale off
+// the divider: Quotient. Nearest rounding encodes each chunk there and then; stochastic rounding
+// stages the counts, the random numbers and the quotients beside the update and rounds the block
+// after it (its own division, of the fraction, cannot leave the divider). Results are those of
+// step_run: the same values are computed, in another order.
+template <typename T, bool Stochastic>
 void step_run_pipelined(const Call& call, const Item& it, int64_t begin, int64_t end, const Codebook& book,
                         float* buf) {
-  constexpr int64_t kWidth = MapDecoder::kDecodeWidth;
+  constexpr int64_t kWidth = MapDecoder::kDecodeWidth, W = MapDecoder::kWidth, V = fVec::size();
   static_assert(2 * kRun + 32 <= kTile, "two block buffers in the caller's kTile floats");
+  static_assert(kRun / W <= 64, "a bit per group in redo");
   const int64_t B = it.block;
   T* param = static_cast<T*>(it.param);
   const T* grad = static_cast<const T*>(it.grad);
   const StepConfig c = call.config;
   const Lanes k(c, it);
+  const iVec iota = iVec::arange(0, 1);
+  // Stochastic rounding's staged counts, random numbers and quotients of one block.
+  alignas(64) uint16_t est[Stochastic ? kRun : 1];
+  alignas(64) float us[Stochastic ? kRun : 1], xs[Stochastic ? kRun : 1];
   // One block's new values each; 4 KB + 128 bytes apart, so that a store to one and a load from the
   // other never look alike to the store buffer (4K aliasing).
   float* const bufs[2] = {buf, buf + kRun + 32};
@@ -1250,12 +1289,37 @@ void step_run_pipelined(const Call& call, const Item& it, int64_t begin, int64_t
     if (prev >= 0 && len == B) {
       float* s = bufs[cur] - b;  // indexed by element
       const float* prev_s = bufs[cur ^ 1];
+      uint8_t* prev_codes = it.codes + prev;
       const fVec old(it.absmax[b / B]);
       const Quotient div(prev_scale, /*fast=*/true);
       fVec vmax(0.0f);
+      uint64_t redo = 0;  // stochastic: bit g for the group at W * g, which takes the per-element path
       for (int64_t j = 0; j < B; j += kWidth) {
         update_chunk<T, true>(param, grad, it.codes, s, b + j, book.decoder, old, c, k, true, vmax);
-        nearest_chunk(book, it.codes + prev + j, prev_s + j, div);
+        if constexpr (Stochastic) {
+          for (int64_t g = j; g < j + kWidth; g += W) {  // a group never straddles two 2^32-element spans
+            const fVec sv[2] = {fVec::loadu(prev_s + g), fVec::loadu(prev_s + g + V)};
+            const fVec x[2] = {div(sv[0]), div(sv[1])};
+            const bool search = stage_counts(book.buckets, x, est + g);
+            redo |= static_cast<uint64_t>(search || any_lane(div.inexact(sv[0]) | div.inexact(sv[1]))) << (g / W);
+            const uint32_t span = span_key(it.stream, prev + g);
+            uniform_vec(span, prev + g, iota).store(us + g);
+            uniform_vec(span, prev + g + V, iota).store(us + g + V);
+            x[0].store(xs + g);
+            x[1].store(xs + g + V);
+          }
+        } else {
+          nearest_chunk(book, prev_codes + j, prev_s + j, div);
+        }
+      }
+      if constexpr (Stochastic) {
+        round_staged(book, prev_codes, est, us, xs, B);
+        for (; redo != 0; redo &= redo - 1) {
+          for (int64_t e = W * __builtin_ctzll(redo), g_end = e + W; e < g_end; ++e) {
+            const float x = normalize(prev_s[e], prev_scale);
+            prev_codes[e] = book.stochastic(x, uniform_at(span_key(it.stream, prev + e), prev + e));
+          }
+        }
       }
       scale = lane_max(vmax);
       it.absmax[prev / B] = prev_scale;
@@ -1363,8 +1427,12 @@ void quantized_typed(const Call& call) {
       }
       if (it.block <= kRun) {
 #if defined(CPU_CAPABILITY_AVX512)
-        if (!call.stochastic && call.gather_codes && it.block % MapDecoder::kDecodeWidth == 0) {
-          step_run_pipelined<T>(call, it, sp.begin, sp.end, *book, buf);
+        if (call.gather_codes && it.block % MapDecoder::kDecodeWidth == 0) {
+          if (call.stochastic) {
+            step_run_pipelined<T, true>(call, it, sp.begin, sp.end, *book, buf);
+          } else {
+            step_run_pipelined<T, false>(call, it, sp.begin, sp.end, *book, buf);
+          }
           continue;
         }
 #endif
