@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 
@@ -557,6 +560,26 @@ def test_scales_divided_without_the_divider_match_reference():
         native = check_against_reference(case)
         first = torch.stack([g.view(-1, 256 if case.kind == "blockwise" else g.numel())[:, 0] for g in case.args[1]])
         assert torch.equal(torch.cat(native.args[3]), (first * first).reshape(-1))
+
+
+def test_quotient_by_reciprocal_is_the_division_where_claimed(tmp_path):
+    """quant.h's quotient_by_reciprocal (compiled on its own: tools/check_quotient.cpp) equals the
+    division bit for bit on its exact domain over the hardest scales, differs below it, also between
+    S * 2^-60 and 2^-101 (where only the subnormal remainder is to blame, so the bound is needed), and
+    stays below 2^-40 there. Quotients that small are out of reach of a test through the op: only
+    stochastic rounding depends on them, for random numbers below 2^-11."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    exe = tmp_path / "check_quotient"
+    flags = ["-mfma"] if platform.machine() in ("x86_64", "AMD64") else []
+    subprocess.run([os.environ.get("CXX") or shutil.which("c++") or "g++", "-O2", "-ffp-contract=off", *flags,
+                    "-I", os.path.join(root, "csrc", "include"), os.path.join(root, "tools", "check_quotient.cpp"),
+                    "-o", str(exe)], check=True)
+    run = subprocess.run([str(exe), "4", "997"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout
+    exact = re.search(r"exact domain: (\d+) pairs, (\d+) differ", run.stdout)
+    below = re.search(r"below it: (\d+) pairs, (\d+) differ .*\((\d+) of them with s >= S", run.stdout)
+    assert int(exact[1]) > 10**7 and int(exact[2]) == 0, run.stdout
+    assert int(below[2]) > 0 and int(below[3]) > 0, run.stdout
 
 
 def test_lookup_edge_lanes_match_reference():

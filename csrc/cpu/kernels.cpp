@@ -765,8 +765,9 @@ struct Codebook {
 // only finds the scale).
 constexpr int64_t kTile = 4096;
 // Elements updated before they are encoded, when a block is larger than that (the write pass of a
-// larger block, tensor-wise state among them, whose scale the max pass has found) or smaller (a run
-// of whole small blocks, step_run). Small enough that the new values are still in L1 when they are
+// larger block, tensor-wise state among them, whose scale the max pass has found, where write_range
+// does not go chunk by chunk) or smaller (a run of whole small blocks, step_run, and the blocks of
+// step_run_pipelined). Small enough that the new values are still in L1 when they are
 // encoded: in 4096-element tiles they had left it, with the params, grads and codes streamed in
 // between (tensor-wise steps took 1.15-1.2x as long on one core, and runs of 4096 were slower at 16M
 // with two threads). Large enough to spread each loop's set-up: on the Intel Xeon, tensor-wise write
@@ -776,10 +777,10 @@ constexpr int64_t kRun = 1024;
 
 #ifdef ADAGRAD8_VECTOR_CODES
 // update_tile's work on the MapDecoder::kDecodeWidth elements at j: decodes their codes under the
-// scale lanes, updates them, stores the new accumulator values to s + j (WriteParams) and folds them
-// into vmax.
+// scale lanes, updates them, stores the new accumulator values to out[0...] (WriteParams) and folds
+// them into vmax.
 template <typename T, bool WriteParams>
-inline void update_chunk(T* param, const T* grad, const uint8_t* codes, float* s, int64_t j, const MapDecoder& map,
+inline void update_chunk(T* param, const T* grad, const uint8_t* codes, float* out, int64_t j, const MapDecoder& map,
                          const fVec& scale, const StepConfig& c, const Lanes& k, bool read_params, fVec& vmax) {
   constexpr int64_t kWidth = MapDecoder::kDecodeWidth;
   static_assert(kWidth % kLane<T> == 0);
@@ -797,7 +798,7 @@ inline void update_chunk(T* param, const T* grad, const uint8_t* codes, float* s
       sq = sq * scale;
       if constexpr (WriteParams) {
         update_vec(p[q], g[q], sq, c, k);
-        sq.store(s + j + c0 + q * fVec::size());
+        sq.store(out + c0 + q * fVec::size());
       } else {  // the max pass keeps nothing but the max
         accumulate_vec(p[q], g[q], sq, c, k);
       }
@@ -831,7 +832,7 @@ float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, flo
   const fVec scale(old_absmax);
   fVec vmax(0.0f);
   for (; j + MapDecoder::kDecodeWidth <= len; j += MapDecoder::kDecodeWidth) {
-    update_chunk<T, WriteParams>(param, grad, codes, s, j, book.decoder, scale, c, k, read_params, vmax);
+    update_chunk<T, WriteParams>(param, grad, codes, s + j, j, book.decoder, scale, c, k, read_params, vmax);
   }
   m = lane_max(vmax);
 #endif
@@ -850,48 +851,42 @@ float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, flo
 }
 
 #ifdef ADAGRAD8_VECTOR_CODES
-// s / absmax on lanes: normalize()'s quotient, computed without the divider where the caller allows
-// it (fast): step_run_pipelined, whose update beside the encoder keeps the divider busy with its
-// square root and division. Fast, with y = RN(1 / absmax):
-//   q = RN(s * y), x = RN(q + RN(s - q * absmax) * y), then once more from x (FMAs throughout).
-// q is within 2 ulps of s / absmax, so x is within 1 ulp, and by Markstein's theorem (y within half
-// an ulp of 1 / absmax, x within 1 ulp, no underflow; docs/decisions.md) the second correction gives
-// RN(s / absmax) exactly: bit for bit the division, for finite s in [0, absmax] whose quotient is
-// at least 2^-60, when absmax is in [2^-60, 2^60]. Smaller quotients come out below 2^-59 or outside
-// [0, 1] instead, and a caller must not depend on their bits: nearest rounding through the bucket
-// table gives all of [0, 2^-30) one count or sends the lane to the exact search (which divides);
-// stochastic rounding, whose fraction uses x itself, redoes the lanes inexact() marks. Outside that
-// range of scales, and without fast, it divides.
+// s / absmax on lanes: normalize()'s quotient, without the divider where the caller allows it (fast)
+// and the scale is in quant.h's range for quotient_by_reciprocal: the encoders beside an update
+// (step_run_pipelined, write_range). Exact from reciprocal_exact_from(absmax) up; other s >= 0 give
+// x below 2^-40 or outside [0, 1], and a caller must not depend on their bits: nearest rounding
+// through the bucket table gives all of [0, 2^-30) one count or sends the lane to the exact search
+// (which divides); stochastic rounding, whose fraction uses x itself, redoes the lanes that inexact()
+// marks. Otherwise it divides.
 class Quotient {
  public:
   Quotient(float absmax, bool fast)
       : absmax_(absmax),
-        mode_(!(absmax > 0.0f) ? kCopy : fast && absmax >= 0x1p-60f && absmax <= 0x1p60f ? kMarkstein : kDivide),
+        mode_(!(absmax > 0.0f)                                                          ? kCopy
+              : fast && absmax >= kReciprocalMinScale && absmax <= kReciprocalMaxScale ? kMarkstein
+                                                                                       : kDivide),
         scale_(absmax),
         neg_scale_(-absmax),
         inverse_(1.0f / absmax) {
 #if defined(CPU_CAPABILITY_AVX512)
-    // absmax * 2^-60 is exact (absmax >= 2^-60 in that mode)
-    tiny_bits_ = _mm512_set1_epi32(mode_ == kMarkstein ? static_cast<int32_t>(float_bits(absmax * 0x1p-60f) - 1) : 0);
+    tiny_bits_ = _mm512_set1_epi32(
+        mode_ == kMarkstein ? static_cast<int32_t>(float_bits(reciprocal_exact_from(absmax)) - 1) : 0);
 #endif
   }
 
   float absmax() const { return absmax_; }
 
 #if defined(CPU_CAPABILITY_AVX512)
-  // Lanes whose fast quotient may differ from the division: 0 < s < absmax * 2^-60. None unless fast.
-  // (As unsigned integers, bits(s) - 1 < bits(absmax * 2^-60) - 1 holds for exactly those s.)
+  // Lanes whose fast quotient may differ from the division: 0 < s < reciprocal_exact_from(absmax).
+  // None unless fast. (As unsigned integers, bits(s) - 1 < bits(that bound) - 1 holds for exactly
+  // those s.)
   LaneMask inexact(const fVec& s) const {
     return _mm512_cmplt_epu32_mask(_mm512_sub_epi32(_mm512_castps_si512(s), _mm512_set1_epi32(1)), tiny_bits_);
   }
 #endif
 
   fVec operator()(const fVec& s) const {
-    if (mode_ == kMarkstein) {
-      const fVec q = s * inverse_;
-      const fVec x = at::vec::fmadd(at::vec::fmadd(q, neg_scale_, s), inverse_, q);
-      return at::vec::fmadd(at::vec::fmadd(x, neg_scale_, s), inverse_, x);
-    }
+    if (mode_ == kMarkstein) return quotient_by_reciprocal(s, neg_scale_, inverse_);
     return mode_ == kDivide ? s / scale_ : s;
   }
 
@@ -922,6 +917,13 @@ inline bool stage_counts(const Buckets& buckets, const fVec* x, uint16_t* est) {
 // Stochastic rounding's last stage over n staged values (n a multiple of MapDecoder::kWidth): with
 // lo from est, u from us and x from xs, the code lo + 1 where u < (x - q[lo]) / (q[lo + 1] - q[lo]),
 // else lo (quant.h's quantize_stochastic), the neighbours' values from the map in registers.
+// quant.h's quantize_stochastic on V lanes with the neighbours' values below and above: the lanes
+// where u < (x - below) / (above - below), whose code is one above the count.
+inline __mmask16 rounds_up(const float* xs, const float* us, const fVec& below, const fVec& above) {
+  const fVec frac = (fVec::loadu(xs) - below) / (above - below);
+  return _mm512_cmp_ps_mask(fVec::loadu(us), frac, _CMP_LT_OQ);
+}
+
 inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* est, const float* us, const float* xs,
                          int64_t n) {
   constexpr int64_t W = MapDecoder::kWidth, V = fVec::size();
@@ -940,9 +942,7 @@ inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* e
     map.lookup_bytes(_mm512_add_epi8(lo, _mm512_set1_epi8(1)), above);
     __mmask64 up = 0;
     for (int k = 0; k < 4; ++k) {
-      const fVec x = fVec::loadu(xs + g + k * V);
-      const fVec frac = (x - below[k]) / (above[k] - below[k]);
-      up |= static_cast<__mmask64>(_mm512_cmp_ps_mask(fVec::loadu(us + g + k * V), frac, _CMP_LT_OQ)) << (16 * k);
+      up |= static_cast<__mmask64>(rounds_up(xs + g + k * V, us + g + k * V, below[k], above[k])) << (16 * k);
     }
     _mm512_storeu_si512(codes + g, _mm512_mask_add_epi8(lo, up, lo, _mm512_set1_epi8(1)));
   }
@@ -954,9 +954,7 @@ inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* e
     map.lookup_words(_mm512_add_epi16(lo, _mm512_set1_epi16(1)), above);
     __mmask32 up = 0;
     for (int k = 0; k < 2; ++k) {
-      const fVec x = fVec::loadu(xs + g + k * V);
-      const fVec frac = (x - below[k]) / (above[k] - below[k]);
-      up |= static_cast<__mmask32>(_mm512_cmp_ps_mask(fVec::loadu(us + g + k * V), frac, _CMP_LT_OQ)) << (16 * k);
+      up |= static_cast<__mmask32>(rounds_up(xs + g + k * V, us + g + k * V, below[k], above[k])) << (16 * k);
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + g),
                         _mm512_cvtepi16_epi8(_mm512_mask_add_epi16(lo, up, lo, _mm512_set1_epi16(1))));
@@ -1143,7 +1141,7 @@ void write_range(const Call& call, const Item& it, int64_t begin, int64_t end, f
     fVec unused_max(0.0f);
     int64_t i = begin;
     for (; i + kWidth <= end; i += kWidth) {
-      update_chunk<T, true>(param, grad, it.codes, buf - i, i, book.decoder, old, c, k, true, unused_max);
+      update_chunk<T, true>(param, grad, it.codes, buf, i, book.decoder, old, c, k, true, unused_max);
       nearest_chunk(book, it.codes + i, buf, div);
     }
     if (i < end) {
@@ -1287,7 +1285,7 @@ void step_run_pipelined(const Call& call, const Item& it, int64_t begin, int64_t
     const int64_t len = std::min(end, b + B) - b;
     float scale;
     if (prev >= 0 && len == B) {
-      float* s = bufs[cur] - b;  // indexed by element
+      float* s = bufs[cur];
       const float* prev_s = bufs[cur ^ 1];
       uint8_t* prev_codes = it.codes + prev;
       const fVec old(it.absmax[b / B]);
@@ -1295,7 +1293,7 @@ void step_run_pipelined(const Call& call, const Item& it, int64_t begin, int64_t
       fVec vmax(0.0f);
       uint64_t redo = 0;  // stochastic: bit g for the group at W * g, which takes the per-element path
       for (int64_t j = 0; j < B; j += kWidth) {
-        update_chunk<T, true>(param, grad, it.codes, s, b + j, book.decoder, old, c, k, true, vmax);
+        update_chunk<T, true>(param, grad, it.codes, s + j, b + j, book.decoder, old, c, k, true, vmax);
         if constexpr (Stochastic) {
           for (int64_t g = j; g < j + kWidth; g += W) {  // a group never straddles two 2^32-element spans
             const fVec sv[2] = {fVec::loadu(prev_s + g), fVec::loadu(prev_s + g + V)};

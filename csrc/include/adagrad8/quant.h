@@ -29,6 +29,27 @@ ADAGRAD8_HD float scale_candidate(float s) {
 // its zeros as the code of 0.0; a non-finite value passes through and saturates below.
 ADAGRAD8_HD float normalize(float s, float absmax) { return absmax > 0.0f ? s / absmax : s; }
 
+// normalize()'s quotient without a division, for a scale S in [kReciprocalMinScale,
+// kReciprocalMaxScale] known in advance (the CPU encoders beside an update, whose square root and
+// division keep the divider busy): with inverse = RN(1 / S) and neg_scale = -S,
+//   q = RN(s * inverse), x = RN(q + RN(s - q * S) * inverse), and once more from x,
+// each a * b + c one fused multiply-add. RN(s / S) bit for bit for s in [reciprocal_exact_from(S), S]
+// (Markstein's theorem; docs/decisions.md); below that the remainder s - x * S may be subnormal and
+// rounded, and x may be off (it stays below 2^-40). tools/check_quotient.cpp tries both claims.
+// V: float, or a vector type whose fmadd(a, b, c) argument-dependent lookup finds.
+constexpr float kReciprocalMinScale = 0x1p-60f, kReciprocalMaxScale = 0x1p60f;
+
+ADAGRAD8_HD float reciprocal_exact_from(float scale) { return fmaxf(scale * 0x1p-60f, 0x1p-101f); }
+
+ADAGRAD8_HD float fmadd(float a, float b, float c) { return fmaf(a, b, c); }
+
+template <typename V>
+ADAGRAD8_HD V quotient_by_reciprocal(const V& s, const V& neg_scale, const V& inverse) {
+  const V q = s * inverse;
+  const V x = fmadd(fmadd(q, neg_scale, s), inverse, q);
+  return fmadd(fmadd(x, neg_scale, s), inverse, x);
+}
+
 // Round to nearest. mid holds the 255 midpoints; the code is the number of midpoints below
 // x, and an x exactly on a midpoint goes to the even code. NaN and +Inf give 255.
 ADAGRAD8_HD uint8_t quantize_nearest(float x, const float* mid) {
