@@ -914,9 +914,6 @@ inline bool stage_counts(const Buckets& buckets, const fVec* x, uint16_t* est) {
   return any_lane(search[0] | search[1]);
 }
 
-// Stochastic rounding's last stage over n staged values (n a multiple of MapDecoder::kWidth): with
-// lo from est, u from us and x from xs, the code lo + 1 where u < (x - q[lo]) / (q[lo + 1] - q[lo]),
-// else lo (quant.h's quantize_stochastic), the neighbours' values from the map in registers.
 // quant.h's quantize_stochastic on V lanes with the neighbours' values below and above: the lanes
 // where u < (x - below) / (above - below), whose code is one above the count.
 inline __mmask16 rounds_up(const float* xs, const float* us, const fVec& below, const fVec& above) {
@@ -924,6 +921,9 @@ inline __mmask16 rounds_up(const float* xs, const float* us, const fVec& below, 
   return _mm512_cmp_ps_mask(fVec::loadu(us), frac, _CMP_LT_OQ);
 }
 
+// Stochastic rounding's last stage over n staged values (n a multiple of MapDecoder::kWidth): with
+// lo from est, u from us and x from xs, the code lo + 1 where u < (x - q[lo]) / (q[lo + 1] - q[lo]),
+// else lo (rounds_up), the neighbours' values from the map in registers.
 inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* est, const float* us, const float* xs,
                          int64_t n) {
   constexpr int64_t W = MapDecoder::kWidth, V = fVec::size();
