@@ -306,22 +306,28 @@ def test_any_sorted_map_matches_reference(stochastic):
         check_against_reference(case)
 
 
-def reach(qmap, t):
-    """For float32 targets t in [0, 1]: code c (the largest map value q[c] <= t) and gradient g with
-    fl(q[c] + fl(g * g)) == t where one is found near sqrt(t - q[c]), and whether it was."""
-    base = (torch.searchsorted(qmap, t, right=True) - 1).clamp(min=0)
-    q = qmap[base]
-    g0 = (t.double() - q.double()).clamp(min=0).sqrt().to(torch.float32)
-    best = torch.zeros_like(t)
-    hit = q == t  # gradient 0
+def float_roots(targets, offset=None):
+    """g with fl(offset + fl(g * g)) == t for each float32 target t (offset 0 if None), where one is
+    found near sqrt(t - offset), and whether it was. (About half of all floats are squares of one.)"""
+    base = torch.zeros_like(targets) if offset is None else offset
+    g0 = (targets.double() - base.double()).clamp(min=0).sqrt().to(torch.float32)
+    root = torch.zeros_like(targets)
+    found = base == targets  # gradient 0
     for k in range(-6, 7):  # neighbours of the first guess
         g = g0
         for _ in range(abs(k)):
             g = torch.nextafter(g, torch.full_like(g, math.copysign(math.inf, k)))
-        ok = ~hit & ((q + g * g) == t)
-        best = torch.where(ok, g, best)
-        hit |= ok
-    return base.to(torch.uint8), best, hit
+        ok = ~found & ((base + g * g) == targets)
+        root, found = torch.where(ok, g, root), found | ok
+    return root, found
+
+
+def reach(qmap, t):
+    """For float32 targets t in [0, 1]: code c (the largest map value q[c] <= t) and gradient g with
+    fl(q[c] + fl(g * g)) == t where one is found near sqrt(t - q[c]), and whether it was."""
+    base = (torch.searchsorted(qmap, t, right=True) - 1).clamp(min=0)
+    grad, hit = float_roots(t, qmap[base])
+    return base.to(torch.uint8), grad, hit
 
 
 def exact_sums_case(qmap, targets, stochastic):
@@ -478,30 +484,16 @@ def wide_range_cases():
     return cases
 
 
-def float_roots(targets):
-    """g with fl(g * g) == t for each float32 target t, where a float32 near sqrt(t) has it (about
-    half of all floats are such squares), and where it does."""
-    g0 = targets.double().sqrt().float()
-    found = torch.zeros_like(targets, dtype=torch.bool)
-    root = torch.zeros_like(targets)
-    for k in range(-4, 5):  # float32 neighbours of the first guess
-        g = g0
-        for _ in range(abs(k)):
-            g = torch.nextafter(g, torch.full_like(g, math.copysign(math.inf, k)))
-        ok = ~found & (g * g == targets)
-        root, found = torch.where(ok, g, root), found | ok
-    return root, found
-
-
 def quotient_cases():
     """Scales where dividing by a rounded reciprocal is hardest: float32 significands whose
     reciprocal's rounding error is near half an ulp (and 1.0, and all ones), times 2^k from inside the
     kernel's fast range of scales [2^-60, 2^60] to outside it; as block-wise blocks of 256 and as
-    tensor-wise tensors of 4160 (which take the kernel's write pass), nearest and stochastic rounding. Old scales are 0, so a new
-    accumulator is exactly fl(g * g): element 0's is the scale S; half of the others are within 3
-    ulps of fl(t * S) where a quotient 1 ulp off from t changes the code (nearest: t a midpoint of the
-    map; stochastic: t = q[lo] + u * (q[lo + 1] - q[lo]) with the element's random number u), the
-    rest span 2^-140..1 of S (underflowing ones, exact zeros among them)."""
+    tensor-wise tensors of 4160 (which take the kernel's write pass), nearest and stochastic rounding.
+    Old scales are 0, so a new accumulator is exactly fl(g * g): element 0's is the scale S; half of
+    the others are within 3 ulps of fl(t * S) where a quotient 1 ulp off from t changes the code
+    (nearest: t a midpoint of the map; stochastic: t = q[lo] + u * (q[lo + 1] - q[lo]) with the
+    element's random number u), the rest span 2^-140..1 of S (underflowing ones, exact zeros among
+    them)."""
     gen = torch.Generator().manual_seed(8)
     m = 1 + torch.randint(0, 2**23, (40_000,), generator=gen).float() / 2**23
     error = ((1 / m).double() - 1 / m.double()).abs()  # float32 1/m is correctly rounded
