@@ -778,10 +778,13 @@ constexpr int64_t kRun = 1024;
 #ifdef ADAGRAD8_VECTOR_CODES
 // update_tile's work on the MapDecoder::kDecodeWidth elements at j: decodes their codes under the
 // scale lanes, updates them, stores the new accumulator values to out[0...] (WriteParams) and folds
-// them into vmax.
+// them into vmax. Always inlined: GCC made it a call, and every call reloaded the step's constants
+// and the decoder, kept vmax in memory and cleared the upper registers (vzeroupper).
 template <typename T, bool WriteParams>
-inline void update_chunk(T* param, const T* grad, const uint8_t* codes, float* out, int64_t j, const MapDecoder& map,
-                         const fVec& scale, const StepConfig& c, const Lanes& k, bool read_params, fVec& vmax) {
+__attribute__((always_inline)) inline void update_chunk(T* param, const T* grad, const uint8_t* codes, float* out,
+                                                        int64_t j, const MapDecoder& map, const fVec& scale,
+                                                        const StepConfig& c, const Lanes& k, bool read_params,
+                                                        fVec& vmax) {
   constexpr int64_t kWidth = MapDecoder::kDecodeWidth;
   static_assert(kWidth % kLane<T> == 0);
   prefetch(grad, j + kPrefetch, kWidth);
