@@ -399,21 +399,28 @@ inline fVec uniform_vec(uint32_t span, int64_t first, const iVec& iota) {
 // one read of a bucket table. x is bucketed on its float bits: bucket 0 is [0, 2^-30), and
 // each further bucket is one value of the top 17 bits (exponent and 8 mantissa bits, so at
 // most 0.4% wide, narrower than any gap between neighbouring values of the named maps). An
-// entry packs the count of values below the bucket with the low 15 bits of the one value
-// inside it, so that the final comparison is an integer compare of x's low bits (x and the
-// value share the high bits). An entry with kSearch set marks a bucket that holds more than
-// one value (other maps): the caller then falls back to the binary search, as it does for x
-// outside [0, 1]. (Vector gathers were first tried for a branch-free binary search: 8
-// dependent gathers cost 6.5 ns per element on this AMD CPU. One independent gather is cheap.)
+// entry holds the count of values below the bucket in its high 16 bits and, below them,
+// 0xffff - t, where t is the low 15 bits of the one value inside the bucket (x and the value
+// share the high bits), less one where x equal to it counts it, or 0x7fff where there is none.
+// Adding x's low 15 bits carries into bit 16 exactly when they exceed t, so the count is
+// (entry + (x & 0x7fff)) >> 16: three integer instructions, where a compare into a mask register
+// and a masked add took five. A bucket that holds more than one value (other maps) has a count of
+// kSearch, and so has the entry after the last bucket, which lanes above 1.0's bucket (NaN and
+// infinities too) and negative ones (-0.0 too) read: the caller falls back to the binary search
+// for counts above 255. Lanes in 1.0's bucket above 1.0 (up to 1 + 2^-8) read 1.0's entry, which
+// counts what the binary search would: the map is checked to lie in [-1, 1] (validate.cpp), so
+// nothing lies between 1.0 and them. (Vector gathers were first tried for a branch-free binary
+// search: 8 dependent gathers cost 6.5 ns per element on this AMD CPU. One independent gather is
+// cheap.)
 class Buckets {
  public:
   static constexpr int kShift = 15;
   static constexpr int32_t kFirst = (97 << 23) >> kShift;  // key of 2^-30
   static constexpr int32_t kLast = (127 << 23) >> kShift;  // key of 1.0
-  static constexpr int32_t kCount = kLast - kFirst + 2;
-  static constexpr int32_t kSearch = 0x8000;
-  static constexpr int32_t kNever = 0x7fff;  // a threshold no low part exceeds
-  static constexpr uint32_t kOne = 0x3f800000u;  // 1.0f
+  static constexpr int32_t kCount = kLast - kFirst + 2;    // buckets; entry_[kCount] is the one after
+  static constexpr int32_t kSearch = 0x7fff;               // the count of a bucket that needs the search
+  static constexpr int32_t kNever = 0x7fff;                // a threshold no low part exceeds
+  static constexpr uint32_t kOne = 0x3f800000u;            // 1.0f
 
   // v: n sorted values. inclusive: count values <= x, else values < x; odd_ties_up: an x equal
   // to a value whose count below is odd counts it (round-half-to-even between codes).
@@ -435,50 +442,47 @@ class Buckets {
           threshold = -1;
         }
       }
-      entry_[b] = search ? kSearch : (threshold << 16) | below;
+      entry_[b] = search ? entry(kSearch, kNever) : entry(below, threshold);
       below = in;
     }
+    entry_[kCount] = entry(kSearch, kNever);
   }
-
-  static int32_t bucket(int32_t key) { return std::max(key - (kFirst - 1), 0); }
 
   // The count for x, or -1 when x needs the binary search.
   int count(float x) const {
     const uint32_t bits = float_bits(x);
     if (bits > kOne) return -1;  // negative (-0.0 too), above 1, NaN
     const int32_t key = static_cast<int32_t>(bits >> kShift);
-    const int32_t e = entry_[bucket(key)];
-    if (e & kSearch) return -1;
-    return (e & 0xffff) + (static_cast<int32_t>(bits & 0x7fff) > (e >> 16) ? 1 : 0);
+    const int n = count_from(entry_[std::max(key - (kFirst - 1), 0)], bits);
+    return n > 255 ? -1 : n;
   }
 
 #if defined(CPU_CAPABILITY_AVX512)
-  // The same for lanes; lanes that need the search are set in `search`. Lanes outside [0, 1]
-  // (negative, -0.0 too, above 1, NaN: bits above 1.0's as unsigned) read no entry.
-  iVec count(const fVec& x, LaneMask& search) const {
+  // The same for lanes: counts above 255 (kSearch) mark lanes that need the search.
+  iVec count(const fVec& x) const {
     const __m512i bits = _mm512_castps_si512(x);
-    const __mmask16 inside = _mm512_cmple_epu32_mask(bits, _mm512_set1_epi32(kOne));
-    const __m512i key = _mm512_srli_epi32(bits, kShift);
-    const __m512i index = _mm512_max_epi32(_mm512_sub_epi32(key, _mm512_set1_epi32(kFirst - 1)), _mm512_setzero_si512());
-    const __m512i e = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), inside, index, entry_, 4);
-    search = _kor_mask16(_knot_mask16(inside), _mm512_test_epi32_mask(e, _mm512_set1_epi32(kSearch)));
-    const __mmask16 up = _mm512_cmpgt_epi32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fff)), _mm512_srai_epi32(e, 16));
-    const __m512i below = _mm512_and_si512(e, _mm512_set1_epi32(0xffff));
-    return _mm512_mask_add_epi32(below, up, below, _mm512_set1_epi32(1));
+    const __m512i key = _mm512_srli_epi32(bits, kShift);  // negative lanes: above 0xffff
+    const __m512i index = _mm512_min_epi32(
+        _mm512_max_epi32(_mm512_sub_epi32(key, _mm512_set1_epi32(kFirst - 1)), _mm512_setzero_si512()),
+        _mm512_set1_epi32(kCount));
+    const __m512i e = _mm512_i32gather_epi32(index, entry_, 4);
+    return _mm512_srli_epi32(_mm512_add_epi32(e, _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff))), 16);
+  }
+  // The same; lanes that need the search are set in `search`.
+  iVec count(const fVec& x, LaneMask& search) const {
+    const iVec n = count(x);
+    search = _mm512_cmpgt_epi32_mask(n, _mm512_set1_epi32(255));
+    return n;
   }
 #elif defined(CPU_CAPABILITY_AVX2)
-  // The same for lanes; lanes that need the search are set in `search`.
+  // The same for lanes; lanes that need the search are set in `search` (their count is kSearch).
   iVec count(const fVec& x, LaneMask& search) const {
     const iVec bits = bits_of(x);
-    const iVec key = shift_right_logical(bits, kShift);
-    // Negative (-0.0 too), above 1, NaN: bits above 1.0's as unsigned; as signed, the sign bit
-    // makes negative lanes small, but their key (a logical shift) is above kLast.
-    const iVec outside = (key > iVec(kLast)) | (bits > iVec(static_cast<int32_t>(kOne)));
-    const iVec index = at::vec::minimum(iVec(kCount - 1), at::vec::maximum(key - iVec(kFirst - 1), iVec(0)));
-    const iVec e = gather(entry_, index);
-    search = outside | (e & iVec(kSearch));
-    const iVec up = (bits & iVec(0x7fff)) > shift_right_arith(e, 16);  // -1 where x is above
-    return (e & iVec(0xffff)) - up;
+    const iVec key = shift_right_logical(bits, kShift);  // negative lanes: above 0xffff
+    const iVec index = at::vec::minimum(iVec(kCount), at::vec::maximum(key - iVec(kFirst - 1), iVec(0)));
+    const iVec n = shift_right_logical(gather(entry_, index) + (bits & iVec(0x7fff)), 16);
+    search = n > iVec(255);
+    return n;
   }
 #endif
 
@@ -487,7 +491,13 @@ class Buckets {
     return bits_float(static_cast<uint32_t>(b + kFirst - 1) << kShift);
   }
   static uint32_t low_bits(float v) { return float_bits(v) & 0x7fff; }
-  int32_t entry_[kCount];
+  // below in the high half, 0xffff - threshold (0x8000 ... 0x10000) added: threshold -1 makes it
+  // below + 1 with nothing under it, so every x counts the bucket's value.
+  static int32_t entry(int32_t below, int32_t threshold) { return (below << 16) + (0xffff - threshold); }
+  static int count_from(int32_t e, uint32_t bits) {
+    return static_cast<int>((static_cast<uint32_t>(e) + (bits & 0x7fff)) >> 16);
+  }
+  int32_t entry_[kCount + 1];
 };
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -923,11 +933,10 @@ inline bool stage_counts(const Buckets& buckets, const fVec* x, uint16_t* est) {
       for (int e = 0; e < 32; ++e) w[e] = static_cast<uint16_t>(8 * ((e % 16) / 4) + 4 * (e / 16) + e % 4);
     }
   } kOrder;
-  LaneMask search[2];
-  const iVec count[2] = {buckets.count(x[0], search[0]), buckets.count(x[1], search[1])};
-  const __m512i words = _mm512_permutexvar_epi16(_mm512_load_si512(kOrder.w), _mm512_packus_epi32(count[0], count[1]));
+  const __m512i words = _mm512_permutexvar_epi16(_mm512_load_si512(kOrder.w),
+                                                 _mm512_packus_epi32(buckets.count(x[0]), buckets.count(x[1])));
   _mm512_store_si512(est, _mm512_min_epu16(words, _mm512_set1_epi16(254)));
-  return any_lane(search[0] | search[1]);
+  return _mm512_cmpgt_epu16_mask(words, _mm512_set1_epi16(255)) != 0;
 }
 
 // quant.h's quantize_stochastic on V lanes with the neighbours' values below and above: the lanes
@@ -955,7 +964,11 @@ inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* e
     const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(est + g), pack, _mm512_load_si512(est + g + W));
     fVec below[4], above[4];
     map.lookup_bytes(lo, below);
+#ifdef EXP_ONELOOKUP
+    for (int q = 0; q < 4; ++q) above[q] = below[q] + fVec(0.01f);
+#else
     map.lookup_bytes(_mm512_add_epi8(lo, _mm512_set1_epi8(1)), above);
+#endif
     __mmask64 up = 0;
     for (int k = 0; k < 4; ++k) {
       up |= static_cast<__mmask64>(rounds_up(xs + g + k * V, us + g + k * V, below[k], above[k])) << (16 * k);
