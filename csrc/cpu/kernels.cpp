@@ -952,9 +952,12 @@ inline __mmask16 rounds_up(const float* xs, const float* us, const fVec& below, 
 inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* est, const float* us, const float* xs,
                          int64_t n) {
   constexpr int64_t W = MapDecoder::kWidth, V = fVec::size();
-  const MapDecoder map = book.decoder;  // a local: kept in registers across the code stores
   int64_t g = 0;
 #if defined(ADAGRAD8_VBMI)
+  // The byte planes stay in memory: each permute reads one of its two tables from there and the other
+  // through a load into the register it overwrites. (A copy in registers took as many register moves,
+  // and 42 loads and 14 spills per call to set up.)
+  const MapDecoder& map = book.decoder;
   // Two groups at a time through the byte planes: their 64 codes lo as bytes (the low byte of each
   // word of the two groups), the neighbours' values for all 64 at once.
   alignas(64) uint8_t low_bytes[64];
@@ -976,11 +979,13 @@ inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* e
     _mm512_storeu_si512(codes + g, _mm512_mask_add_epi8(lo, up, lo, _mm512_set1_epi8(1)));
   }
 #endif
+  if (g == n) return;
+  const MapDecoder words = book.decoder;  // a local: kept in registers across the code stores
   for (; g < n; g += W) {
     const __m512i lo = _mm512_load_si512(est + g);
     fVec below[2], above[2];
-    map.lookup_words(lo, below);
-    map.lookup_words(_mm512_add_epi16(lo, _mm512_set1_epi16(1)), above);
+    words.lookup_words(lo, below);
+    words.lookup_words(_mm512_add_epi16(lo, _mm512_set1_epi16(1)), above);
     __mmask32 up = 0;
     for (int k = 0; k < 2; ++k) {
       up |= static_cast<__mmask32>(rounds_up(xs + g + k * V, us + g + k * V, below[k], above[k])) << (16 * k);
