@@ -89,18 +89,26 @@ void store_float(T* dst, const fVec* in) {
   }
 }
 
-// Per-tensor constants broadcast once.
+// Per-tensor constants broadcast once, and which of grad_vec's steps apply (tested as flags: the
+// loops re-tested c.weight_decay != 0 with a float compare before every vector).
 struct Lanes {
   fVec zero{0.0f}, weight_decay, eps, clr, gnorm_scale;
+  bool scaled, decayed;
   Lanes(const StepConfig& c, const Item& it)
-      : weight_decay(c.weight_decay), eps(c.eps), clr(it.clr), gnorm_scale(it.gnorm_scale) {}
+      : weight_decay(c.weight_decay),
+        eps(c.eps),
+        clr(it.clr),
+        gnorm_scale(it.gnorm_scale),
+        scaled(it.gnorm_scale != 1.0f),
+        decayed(c.weight_decay != 0.0f) {}
 };
 
-// update.h's effective_grad on a vector (p is read only with weight decay).
+// update.h's effective_grad on a vector (p is read only with weight decay). A scale of 1 is skipped:
+// g * 1 is g, bit for bit (a signalling NaN comes out quiet, as it does from the next operation).
 inline fVec grad_vec(const fVec& p, const fVec& raw, const StepConfig& c, const Lanes& k) {
-  fVec g = raw * k.gnorm_scale;
+  fVec g = k.scaled ? raw * k.gnorm_scale : raw;
   if (c.maximize) g = g.neg();
-  if (c.weight_decay != 0.0f) g = g + k.weight_decay * p;
+  if (k.decayed) g = g + k.weight_decay * p;
   return g;
 }
 
