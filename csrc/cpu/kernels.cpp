@@ -975,11 +975,7 @@ inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* e
     const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(est + g), pack, _mm512_load_si512(est + g + W));
     fVec below[4], above[4];
     map.lookup_bytes(lo, below);
-#ifdef EXP_ONELOOKUP
-    for (int q = 0; q < 4; ++q) above[q] = below[q] + fVec(0.01f);
-#else
     map.lookup_bytes(_mm512_add_epi8(lo, _mm512_set1_epi8(1)), above);
-#endif
     __mmask64 up = 0;
     for (int k = 0; k < 4; ++k) {
       up |= static_cast<__mmask64>(rounds_up(xs + g + k * V, us + g + k * V, below[k], above[k])) << (16 * k);
