@@ -949,17 +949,50 @@ inline bool stage_counts(const Buckets& buckets, const fVec* x, uint16_t* est) {
 
 // quant.h's quantize_stochastic on V lanes with the neighbours' values below and above: the lanes
 // where u < (x - below) / (above - below), whose code is one above the count.
-inline __mmask16 rounds_up(const float* xs, const float* us, const fVec& below, const fVec& above) {
+inline __mmask16 rounds_up(const float* xs, const fVec& u, const fVec& below, const fVec& above) {
   const fVec frac = (fVec::loadu(xs) - below) / (above - below);
-  return _mm512_cmp_ps_mask(fVec::loadu(us), frac, _CMP_LT_OQ);
+  return _mm512_cmp_ps_mask(u, frac, _CMP_LT_OQ);
 }
 
-// Stochastic rounding's last stage over n staged values (n a multiple of MapDecoder::kWidth): with
-// lo from est, u from us and x from xs, the code lo + 1 where u < (x - q[lo]) / (q[lo + 1] - q[lo]),
-// else lo (rounds_up), the neighbours' values from the map in registers.
-inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* est, const float* us, const float* xs,
-                         int64_t n) {
+// Stochastic rounding's random numbers (uniform_at), vector by vector for consecutive elements from
+// `first` on. No vector may straddle two 2^32-element spans: `first` is a multiple of fVec::size()
+// (step_run_pipelined), or all the elements lie in one span (encode_tile).
+class Uniforms {
+ public:
+  Uniforms(uint64_t stream, int64_t first)
+      : stream_(stream), at_(first), index_(iVec(static_cast<int32_t>(static_cast<uint32_t>(first))) + iVec::arange(0, 1)) {
+    new_span();
+  }
+  fVec next() {
+    if ((at_ >> 32) != hi_) new_span();
+    const fVec u = uniform_vec(span_, index_);
+    index_ = index_ + iVec(fVec::size());
+    at_ += fVec::size();
+    return u;
+  }
+
+ private:
+  void new_span() {
+    hi_ = at_ >> 32;
+    span_ = iVec(static_cast<int32_t>(span_key(stream_, at_)));
+  }
+  uint64_t stream_;
+  int64_t at_, hi_ = 0;
+  iVec index_, span_;
+};
+
+// Stochastic rounding's last stage over n staged values of the elements first... (n a multiple of
+// MapDecoder::kWidth): with lo from est and x from xs, the code lo + 1 where u < (x - q[lo]) /
+// (q[lo + 1] - q[lo]), else lo (rounds_up), the neighbours' values from the map's byte or word planes.
+// The random numbers u are made here, not staged with the counts: their hash is mostly shifts and
+// multiplies, which take port 0, as do the square root and division of the update beside the
+// staging, while this loop's lookups keep port 5 busy. (Intel Xeon: the kernel alone on one thread
+// no faster, steps through the optimizer at 16M on two threads 0.65-0.69 -> 0.63-0.67 ns per element,
+// four rounds each in alternation; and no staged u to store and load.)
+inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* est, const float* xs, int64_t n,
+                         uint64_t stream, int64_t first) {
   constexpr int64_t W = MapDecoder::kWidth, V = fVec::size();
+  Uniforms uniforms(stream, first);
   int64_t g = 0;
 #if defined(ADAGRAD8_VBMI)
   // The byte planes stay in memory: each permute reads one of its two tables from there and the other
@@ -978,7 +1011,7 @@ inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* e
     map.lookup_bytes(_mm512_add_epi8(lo, _mm512_set1_epi8(1)), above);
     __mmask64 up = 0;
     for (int k = 0; k < 4; ++k) {
-      up |= static_cast<__mmask64>(rounds_up(xs + g + k * V, us + g + k * V, below[k], above[k])) << (16 * k);
+      up |= static_cast<__mmask64>(rounds_up(xs + g + k * V, uniforms.next(), below[k], above[k])) << (16 * k);
     }
     _mm512_storeu_si512(codes + g, _mm512_mask_add_epi8(lo, up, lo, _mm512_set1_epi8(1)));
   }
@@ -992,7 +1025,7 @@ inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* e
     words.lookup_words(_mm512_add_epi16(lo, _mm512_set1_epi16(1)), above);
     __mmask32 up = 0;
     for (int k = 0; k < 2; ++k) {
-      up |= static_cast<__mmask32>(rounds_up(xs + g + k * V, us + g + k * V, below[k], above[k])) << (16 * k);
+      up |= static_cast<__mmask32>(rounds_up(xs + g + k * V, uniforms.next(), below[k], above[k])) << (16 * k);
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + g),
                         _mm512_cvtepi16_epi8(_mm512_mask_add_epi16(lo, up, lo, _mm512_set1_epi16(1))));
@@ -1068,12 +1101,10 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
   // through encode_group at the end.
   constexpr int64_t kStage = 256;
   alignas(64) uint16_t est[kStage], his[kStage], los[kStage];
-  alignas(64) float us[Stochastic ? kStage : 1], xs[Stochastic ? kStage : 1];  // u and x (stochastic)
-  // Stochastic rounding's u and x of the group at j + g, for the rounding after the counts (x is kept:
-  // dividing again by the scale costs more).
-  const auto keep_for_rounding = [&](int64_t g, const fVec* x) {  // j: the loop's, below
-    uniform(j + g).store(us + g);
-    uniform(j + g + V).store(us + g + V);
+  alignas(64) float xs[Stochastic ? kStage : 1];  // stochastic rounding's x
+  // Stochastic rounding's x of the group at g, for the rounding after the counts (dividing again by the
+  // scale costs more).
+  const auto keep_for_rounding = [&xs](int64_t g, const fVec* x) {
     x[0].store(xs + g);
     x[1].store(xs + g + V);
   };
@@ -1122,7 +1153,7 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
         }
       }
     }
-    if constexpr (Stochastic) round_staged(book, codes + j, est, us, xs, n);
+    if constexpr (Stochastic) round_staged(book, codes + j, est, xs, n, stream, i0 + j);
     for (; redo != 0; redo &= redo - 1) encode_group(j + W * __builtin_ctzll(redo));
     j += n;
   }
@@ -1291,9 +1322,9 @@ void step_run(const Call& call, const Item& it, int64_t begin, int64_t end, cons
 // division of ALGORITHM.md's step), the encoder on the gathers and the vector ports; apart, their
 // times add up, interleaved they overlap (docs/performance.md). That needs the encoder's s / scale off
 // the divider: Quotient. Nearest rounding encodes each chunk there and then; stochastic rounding
-// stages the counts, the random numbers and the quotients beside the update and rounds the block
-// after it (its own division, of the fraction, cannot leave the divider). Results are those of
-// step_run: the same values are computed, in another order.
+// stages the counts and the quotients beside the update and rounds the block after it (round_staged:
+// its own division, of the fraction, cannot leave the divider, and its random numbers are made there).
+// Results are those of step_run: the same values are computed, in another order.
 template <typename T, bool Stochastic>
 void step_run_pipelined(const Call& call, const Item& it, int64_t begin, int64_t end, const Codebook& book,
                         float* buf) {
@@ -1305,10 +1336,9 @@ void step_run_pipelined(const Call& call, const Item& it, int64_t begin, int64_t
   const T* grad = static_cast<const T*>(it.grad);
   const StepConfig c = call.config;
   const Lanes k(c, it);
-  const iVec iota = iVec::arange(0, 1);
-  // Stochastic rounding's staged counts, random numbers and quotients of one block.
+  // Stochastic rounding's staged counts and quotients of one block.
   alignas(64) uint16_t est[Stochastic ? kRun : 1];
-  alignas(64) float us[Stochastic ? kRun : 1], xs[Stochastic ? kRun : 1];
+  alignas(64) float xs[Stochastic ? kRun : 1];
   // One block's new values each; 4 KB + 128 bytes apart, so that a store to one and a load from the
   // other never look alike to the store buffer (4K aliasing).
   float* const bufs[2] = {buf, buf + kRun + 32};
@@ -1330,11 +1360,6 @@ void step_run_pipelined(const Call& call, const Item& it, int64_t begin, int64_t
       const Quotient div(prev_scale, /*fast=*/true);
       fVec vmax(0.0f);
       uint64_t redo = 0;  // stochastic: bit g for the group at W * g, which takes the per-element path
-      // The random numbers' span key, once per block unless the block straddles two 2^32-element spans
-      // (a group never does), and their indices, counted up lane by lane.
-      const bool one_span = (prev >> 32) == ((prev + B - 1) >> 32);
-      iVec span(static_cast<int32_t>(span_key(it.stream, prev)));
-      iVec index = iVec(static_cast<int32_t>(static_cast<uint32_t>(prev))) + iota;
       for (int64_t j = 0; j < B; j += kWidth) {
         update_chunk<T, true>(param, grad, it.codes, s + j, b + j, book.decoder, old, c, k, true, vmax);
         if constexpr (Stochastic) {
@@ -1343,11 +1368,6 @@ void step_run_pipelined(const Call& call, const Item& it, int64_t begin, int64_t
             const fVec x[2] = {div(sv[0]), div(sv[1])};
             const bool search = stage_counts(book.buckets, x, est + g);
             redo |= static_cast<uint64_t>(search || any_lane(div.inexact(sv[0]) | div.inexact(sv[1]))) << (g / W);
-            if (!one_span) span = iVec(static_cast<int32_t>(span_key(it.stream, prev + g)));
-            uniform_vec(span, index).store(us + g);
-            index = index + iVec(V);
-            uniform_vec(span, index).store(us + g + V);
-            index = index + iVec(V);
             x[0].store(xs + g);
             x[1].store(xs + g + V);
           }
@@ -1356,7 +1376,7 @@ void step_run_pipelined(const Call& call, const Item& it, int64_t begin, int64_t
         }
       }
       if constexpr (Stochastic) {
-        round_staged(book, prev_codes, est, us, xs, B);
+        round_staged(book, prev_codes, est, xs, B, it.stream, prev);
         for (; redo != 0; redo &= redo - 1) {
           for (int64_t e = W * __builtin_ctzll(redo), g_end = e + W; e < g_end; ++e) {
             const float x = normalize(prev_s[e], prev_scale);
