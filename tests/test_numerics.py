@@ -574,6 +574,61 @@ def test_quotient_by_reciprocal_is_the_division_where_claimed(tmp_path):
     assert int(below[2]) > 0 and int(below[3]) > 0, run.stdout
 
 
+_MXCSR_SOURCE = r"""
+#include <xmmintrin.h>
+unsigned set_mxcsr_bits(unsigned set, unsigned clear) {
+  unsigned old = _mm_getcsr();
+  _mm_setcsr((old & ~clear) | set);
+  return old;
+}
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="MXCSR is x86's")
+def test_flush_to_zero_alone_every_lane_matches_reference(tmp_path):
+    """With MXCSR's flush-to-zero set and denormals-are-zero clear (code that writes MXCSR itself;
+    torch.set_flush_denormal sets both), g * 1 turns a subnormal gradient into 0. The vector lanes
+    multiply by the gradient scale even when it is 1, as the scalar tail and reference.py (given the
+    scale) do: a review found that skipping the multiply made the lanes step where the tail did not.
+    (reference.py without scales does not multiply at all, so in this mode it steps everywhere.)"""
+    import ctypes
+
+    src, lib = tmp_path / "mxcsr.c", tmp_path / "libmxcsr.so"
+    src.write_text(_MXCSR_SOURCE)
+    subprocess.run([os.environ.get("CC") or shutil.which("cc") or "gcc", "-shared", "-fPIC", str(src), "-o", str(lib)],
+                   check=True)
+    mxcsr = ctypes.CDLL(str(lib))
+    mxcsr.set_mxcsr_bits.restype = ctypes.c_uint
+    mxcsr.set_mxcsr_bits.argtypes = [ctypes.c_uint, ctypes.c_uint]
+    n = 37  # vectors of 16 or 8 lanes and a tail
+    grads = [torch.full((n,), 1e-40)]  # subnormal
+    lr, steps, qmap = torch.tensor(1e10), [torch.tensor(1.0)], Q.MAPS[Q.DEFAULT_MAP]()
+
+    def step(ops, gnorm_scales):  # fp32 and block-wise 8-bit state
+        p, s = torch.zeros(n), torch.ones(n)
+        p8, codes, absmax = torch.zeros(n), torch.full((n,), 255, dtype=torch.uint8), torch.ones(1)
+        ops.step([p], grads, [s], steps, lr, 0.0, 0.0, 1e-10, False, gnorm_scales)
+        ops.step_quantized([p8], grads, [codes], [absmax], qmap, steps, lr, 0.0, 0.0, 1e-10, False, gnorm_scales,
+                           block_size=64)
+        return p, s, p8, codes, absmax
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # MXCSR is per thread
+    ftz, daz = 0x8000, 0x0040
+    old = mxcsr.set_mxcsr_bits(ftz, ftz | daz)
+    try:
+        # The kernels multiply by 1 without scales too.
+        expected = step(reference, [torch.tensor(1.0)])
+        results = [step(_ops, [torch.tensor(1.0)]), step(_ops, None)]
+    finally:
+        mxcsr.set_mxcsr_bits(old & (ftz | daz), ftz | daz)
+        torch.set_num_threads(threads)
+    assert expected[0].eq(0).all()  # flushed: no step
+    for ours in results:
+        for a, b in zip(ours, expected):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (a, b)
+
+
 def test_lookup_edge_lanes_match_reference():
     for case in wide_range_cases():
         check_against_reference(case)

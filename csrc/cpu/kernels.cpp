@@ -89,24 +89,20 @@ void store_float(T* dst, const fVec* in) {
   }
 }
 
-// Per-tensor constants broadcast once, and which of grad_vec's steps apply (tested as flags: the
-// loops re-tested c.weight_decay != 0 with a float compare before every vector).
+// Per-tensor constants broadcast once, and whether weight decay applies (a flag: the loops re-tested
+// c.weight_decay != 0 with a float compare before every vector).
 struct Lanes {
   fVec zero{0.0f}, weight_decay, eps, clr, gnorm_scale;
-  bool scaled, decayed;
+  bool decayed;
   Lanes(const StepConfig& c, const Item& it)
-      : weight_decay(c.weight_decay),
-        eps(c.eps),
-        clr(it.clr),
-        gnorm_scale(it.gnorm_scale),
-        scaled(it.gnorm_scale != 1.0f),
-        decayed(c.weight_decay != 0.0f) {}
+      : weight_decay(c.weight_decay), eps(c.eps), clr(it.clr), gnorm_scale(it.gnorm_scale), decayed(c.weight_decay != 0.0f) {}
 };
 
-// update.h's effective_grad on a vector (p is read only with weight decay). A scale of 1 is skipped:
-// g * 1 is g, bit for bit (a signalling NaN comes out quiet, as it does from the next operation).
+// update.h's effective_grad on a vector (p is read only with weight decay). The multiply by a scale
+// of 1 stays: with flush-to-zero but not denormals-are-zero set, it turns a subnormal gradient into
+// 0 (a review's counterexample: skipped, the vector lanes and update_one's disagreed).
 inline fVec grad_vec(const fVec& p, const fVec& raw, const StepConfig& c, const Lanes& k) {
-  fVec g = k.scaled ? raw * k.gnorm_scale : raw;
+  fVec g = raw * k.gnorm_scale;
   if (c.maximize) g = g.neg();
   if (k.decayed) g = g + k.weight_decay * p;
   return g;
@@ -934,7 +930,7 @@ class Quotient {
 inline bool stage_counts(const Buckets& buckets, const fVec* x, uint16_t* est) {
   // packus_epi32 interleaves the two vectors by 128-bit lane (word 8L + i holds count[0] lane 4L + i,
   // word 8L + 4 + i count[1] lane 4L + i, i < 4); a word permute puts them in order. (Two vpmovdw and
-  // an insert took 5 cycles of port 5 on the Xeon, these 2.) Counts are at most 0x8001: no saturation.
+  // an insert took 5 cycles of port 5 on the Xeon, these 2.) Counts are at most 0x7fff: no saturation.
   static constexpr struct Order {
     alignas(64) uint16_t w[32];
     constexpr Order() : w() {
