@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -386,7 +387,7 @@ def test_every_rounding_edge_matches_reference(stochastic):
     crowded = torch.cat([torch.linspace(0, 1e-3, 128), 0.5 + torch.arange(127) * 1e-7, torch.tensor([1.0])])
     equal = torch.cat([torch.zeros(9), torch.full((7,), 0.25), torch.linspace(0.001, 1, 240)]).sort().values
     for qmap in (Q.tapered_map(), Q.unsigned_map(), Q.signed_map(), crowded, equal, torch.linspace(-1, 1, 256),
-                 *near_one_maps()):
+                 tiny_gap_map(), *near_one_maps()):
         change = qmap[1:] if stochastic else (qmap[:-1] + qmap[1:]) * 0.5
         case, reached = exact_sums_case(qmap, torch.cat([around(change), around(edges, 1), approach]), stochastic)
         # nearly every change point and neighbour from the smallest map value above 0 up is reached
@@ -582,6 +583,31 @@ unsigned set_mxcsr_bits(unsigned set, unsigned clear) {
   return old;
 }
 """
+FTZ, DAZ = 0x8000, 0x0040  # MXCSR's flush-to-zero and denormals-are-zero bits
+
+
+@contextlib.contextmanager
+def mxcsr_mode(tmp_path, bits: int):
+    """Runs the block on one thread (MXCSR is per thread) with exactly `bits` of FTZ | DAZ set, through
+    a small compiled helper (torch.set_flush_denormal sets both or neither)."""
+    import ctypes
+
+    src, lib = tmp_path / "mxcsr.c", tmp_path / "libmxcsr.so"
+    if not lib.exists():
+        src.write_text(_MXCSR_SOURCE)
+        subprocess.run([os.environ.get("CC") or shutil.which("cc") or "gcc", "-shared", "-fPIC", str(src), "-o",
+                        str(lib)], check=True)
+    mxcsr = ctypes.CDLL(str(lib))
+    mxcsr.set_mxcsr_bits.restype = ctypes.c_uint
+    mxcsr.set_mxcsr_bits.argtypes = [ctypes.c_uint, ctypes.c_uint]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    old = mxcsr.set_mxcsr_bits(bits, FTZ | DAZ)
+    try:
+        yield
+    finally:
+        mxcsr.set_mxcsr_bits(old & (FTZ | DAZ), FTZ | DAZ)
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="MXCSR is x86's")
@@ -591,15 +617,6 @@ def test_flush_to_zero_alone_every_lane_matches_reference(tmp_path):
     multiply by the gradient scale even when it is 1, as the scalar tail and reference.py (given the
     scale) do: a review found that skipping the multiply made the lanes step where the tail did not.
     (reference.py without scales does not multiply at all, so in this mode it steps everywhere.)"""
-    import ctypes
-
-    src, lib = tmp_path / "mxcsr.c", tmp_path / "libmxcsr.so"
-    src.write_text(_MXCSR_SOURCE)
-    subprocess.run([os.environ.get("CC") or shutil.which("cc") or "gcc", "-shared", "-fPIC", str(src), "-o", str(lib)],
-                   check=True)
-    mxcsr = ctypes.CDLL(str(lib))
-    mxcsr.set_mxcsr_bits.restype = ctypes.c_uint
-    mxcsr.set_mxcsr_bits.argtypes = [ctypes.c_uint, ctypes.c_uint]
     n = 37  # vectors of 16 or 8 lanes and a tail
     grads = [torch.full((n,), 1e-40)]  # subnormal
     lr, steps, qmap = torch.tensor(1e10), [torch.tensor(1.0)], Q.MAPS[Q.DEFAULT_MAP]()
@@ -612,21 +629,85 @@ def test_flush_to_zero_alone_every_lane_matches_reference(tmp_path):
                            block_size=64)
         return p, s, p8, codes, absmax
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # MXCSR is per thread
-    ftz, daz = 0x8000, 0x0040
-    old = mxcsr.set_mxcsr_bits(ftz, ftz | daz)
-    try:
+    with mxcsr_mode(tmp_path, FTZ):
         # The kernels multiply by 1 without scales too.
         expected = step(reference, [torch.tensor(1.0)])
         results = [step(_ops, [torch.tensor(1.0)]), step(_ops, None)]
-    finally:
-        mxcsr.set_mxcsr_bits(old & (ftz | daz), ftz | daz)
-        torch.set_num_threads(threads)
     assert expected[0].eq(0).all()  # flushed: no step
     for ours in results:
         for a, b in zip(ours, expected):
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (a, b)
+
+
+def tiny_gap_map():
+    """A sorted map with a subnormal value and two values 2^-133 apart: the CPU kernels cannot take
+    its gaps scaled by 2^-24 (Codebook::scaled_gaps) and use q[lo + 1] - q[lo] as it comes."""
+    tiny = torch.tensor([0.0, 1e-40, 2.0**-110, 2.0**-110 * (1 + 2.0**-23)])
+    return torch.cat([tiny, torch.linspace(1e-3, 1, 252)])
+
+
+@pytest.mark.parametrize("block", [256, 2048])
+def test_stochastic_fraction_equal_to_u_matches_reference(block):
+    """Elements whose fraction (x - q[lo]) / (q[lo + 1] - q[lo]) equals their own random number u, or
+    is the float just above it: the code goes up only in the second case. A fraction or a u off by
+    one float anywhere (the scaled gaps' u * 2^24 < d / (gap * 2^-24), docs/decisions.md) changes
+    these codes. Every position's u is known in advance (reference.uniforms), x is made for it and
+    reached exactly as fl(q[c] + fl(g * g)) with old scale 1 (every other element is 1.0, so every
+    block's new scale is 1)."""
+    n, seed, step = 64 * block, torch.tensor(3), torch.tensor(1.0)
+    u = reference.uniforms(seed, step, n).float()
+    gen = torch.Generator().manual_seed(block)
+    for qmap in (Q.tapered_map(), Q.unsigned_map(), tiny_gap_map()):
+        usable = torch.nonzero((qmap[:-1] >= 0) & (qmap[1:] > qmap[:-1])).flatten()
+        lo = usable[torch.randint(len(usable), (n,), generator=gen)]
+        below, gap = qmap[lo], qmap[lo + 1] - qmap[lo]
+        want_up = torch.rand(n, generator=gen) < 0.5  # fraction just above u, else equal to it
+        target = (below.double() + u.double() * gap.double()).float()
+        best = torch.zeros(n)  # the candidate x whose fraction is the one wanted, 0 where none is
+        for k in range(-3, 4):
+            x = target
+            for _ in range(abs(k)):
+                x = torch.nextafter(x, torch.full_like(x, 2.0 if k > 0 else -2.0))
+            frac = (x - below) / gap  # float32, as reference.py computes it
+            ok = torch.where(want_up, frac == torch.nextafter(u, torch.ones_like(u)), frac == u)
+            best = torch.where(ok & (best == 0), x, best)
+        codes, grads, hit = reach(qmap, best)
+        hit &= best >= 2.0**-29  # x in the kernel's vector path (x below 2^-30 may take the search)
+        assert hit.sum() > n // 128, hit.sum()  # 1.5-3%: a fraction equal to u is rare where x's floats are coarse
+        # The other elements get 1.0 too: an x of 0 lies in a bucket that some maps send to the exact
+        # search, and the kernel then redoes its whole group of 32 one element at a time.
+        one_code, one_grad, _ = reach(qmap, torch.ones(1))
+        hit[block - 1::block] = False
+        codes, grads = torch.where(hit, codes, one_code), torch.where(hit, grads, one_grad)
+        case = Case("blockwise", ([torch.zeros(n)], [grads], [codes], [torch.ones(n // block)], qmap.contiguous(),
+                                  [step.clone()]),
+                    dict(lr=torch.tensor(0.01), lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False,
+                         block_size=block, seeds=[seed]))
+        native = check_against_reference(case)
+        assert torch.equal((native.args[2][0] == lo + 1) & hit, want_up & hit)  # the cases were made as meant
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="MXCSR is x86's")
+@pytest.mark.parametrize("bits", [0, FTZ, DAZ, FTZ | DAZ], ids=["none", "ftz", "daz", "ftz+daz"])
+def test_stochastic_fractions_of_tiny_values_match_reference(tmp_path, bits):
+    """Stochastic rounding's fraction (x - q[lo]) / (q[lo + 1] - q[lo]) where x, its difference and
+    the fraction are tiny or subnormal, under each of MXCSR's flush modes, for maps whose gaps the
+    kernel scales by 2^-24 (docs/decisions.md: "Stochastic rounding's fraction by scaled gaps") and
+    one whose gaps it cannot scale. New accumulators g * g for g = 2^-e, e uniform in [0, 76), every
+    block's last element 1.0; blocks of 256 (the encoder beside the update), 2048 (its own pass) and 96."""
+    gen = torch.Generator().manual_seed(1)
+    n = 4096
+    grads = torch.exp2(-torch.rand(n, generator=gen, dtype=torch.float64) * 76).float()
+    for qmap in (Q.unsigned_map(), Q.tapered_map(), tiny_gap_map()):
+        for block in (256, 2048, 96):
+            g = grads.clone()
+            g[block - 1::block] = 1.0
+            case = Case("blockwise", ([torch.zeros(n)], [g], [torch.zeros(n, dtype=torch.uint8)],
+                                      [torch.ones(-(-n // block))], qmap.contiguous(), [torch.tensor(1.0)]),
+                        dict(lr=torch.tensor(0.01), lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False,
+                             block_size=block, seeds=[torch.tensor(5)]))
+            with mxcsr_mode(tmp_path, bits):
+                check_against_reference(case)
 
 
 def test_lookup_edge_lanes_match_reference():

@@ -13,6 +13,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -277,10 +278,20 @@ class MapDecoder {
   }
 #if defined(ADAGRAD8_VBMI)
   // The map's values of codes[0..64), into out[0..4): byte permutes on four byte planes of the map.
-  void decode(const uint8_t* codes, fVec* out) const { lookup_bytes(_mm512_loadu_si512(codes), out); }
-  void lookup_bytes(__m512i c, fVec* out) const {
-    c = _mm512_permutexvar_epi8(byte_order_, c);
-    const __mmask64 b7 = _mm512_movepi8_mask(c);
+  void decode(const uint8_t* codes, fVec* out) const { lookup_bytes(byte_index(_mm512_loadu_si512(codes)), out); }
+  // 64 codes for lookup_bytes: reordered (see byte_order_) and their bit 7. One ByteIndex serves any
+  // number of MapDecoders.
+  struct ByteIndex {
+    __m512i c;
+    __mmask64 b7;
+  };
+  ByteIndex byte_index(__m512i codes) const {
+    const __m512i c = _mm512_permutexvar_epi8(byte_order_, codes);
+    return {c, _mm512_movepi8_mask(c)};
+  }
+  void lookup_bytes(const ByteIndex& index, fVec* out) const {
+    const __m512i c = index.c;
+    const __mmask64 b7 = index.b7;
     __m512i p[4];
     for (int b = 0; b < 4; ++b) {
       p[b] = _mm512_mask_blend_epi8(b7, _mm512_permutex2var_epi8(bytes_[4 * b], c, bytes_[4 * b + 1]),
@@ -384,11 +395,15 @@ inline iVec mix32_vec(iVec x) {
   return x ^ shift_right_logical(x, 16);
 }
 
+// uniform_at's number times 2^24 (its 24 random bits as an integer, exact in a float) on lanes.
+inline fVec uniform_ticks_vec(const iVec& span, const iVec& index) {
+  return at::vec::convert_to_fp_of_same_size<float>(shift_right_logical(mix32_vec(span ^ index), 8));
+}
+
 // uniform_at on lanes: span, span_key broadcast (the same for every lane); index, the lanes' flat
 // element indices (their low 32 bits).
 inline fVec uniform_vec(const iVec& span, const iVec& index) {
-  const iVec bits = mix32_vec(span ^ index);
-  return at::vec::convert_to_fp_of_same_size<float>(shift_right_logical(bits, 8)) * fVec(1.0f / 16777216.0f);
+  return uniform_ticks_vec(span, index) * fVec(1.0f / 16777216.0f);
 }
 
 // The same for the lanes' indices first + iota.
@@ -703,6 +718,12 @@ struct Codebook {
 #endif
 #if defined(CPU_CAPABILITY_AVX512)
   CodeCounter counter;    // the same counts as buckets, 32 lanes at a time without a gather
+  // Stochastic rounding's second table (round_staged), read at the same index lo as q[lo]: with
+  // scaled_gaps RN(q[lo + 1] - q[lo]) * 2^-24, else q[lo + 1]. The scaled gaps are used where they
+  // are exact and computing them here gives what the kernel would get under any MXCSR mode: no map
+  // value is subnormal and every gap is 0 or at least 2^-102 (every named map).
+  bool scaled_gaps;
+  MapDecoder next;
 #endif
 
   // Everything is built from the Codebook's own copy of the map: it outlives the call (codebook_for),
@@ -710,6 +731,9 @@ struct Codebook {
   Codebook(const float* qmap, bool stochastic)
 #ifdef ADAGRAD8_VECTOR_CODES
       : decoder(copy_map(q, qmap))
+#endif
+#if defined(CPU_CAPABILITY_AVX512)
+      , scaled_gaps(gaps_scale_exactly(qmap)), next(next_values(qmap, scaled_gaps).data())
 #endif
   {
     copy_map(q, qmap);  // again: the DEFAULT build has no decoder
@@ -739,7 +763,23 @@ struct Codebook {
     std::memcpy(dst, qmap, kMapSize * sizeof(float));
     return dst;
   }
-
+#if defined(CPU_CAPABILITY_AVX512)
+  static bool gaps_scale_exactly(const float* qmap) {
+    for (int i = 0; i < kMapSize; ++i) {
+      if (qmap[i] != 0.0f && std::fabs(qmap[i]) < std::numeric_limits<float>::min()) return false;
+    }
+    for (int i = 0; i + 1 < kMapSize; ++i) {
+      const float gap = qmap[i + 1] - qmap[i];
+      if (gap != 0.0f && gap < 0x1p-102f) return false;
+    }
+    return true;
+  }
+  static std::array<float, kMapSize> next_values(const float* qmap, bool scaled_gaps) {
+    std::array<float, kMapSize> v{};  // v[255]: never read (lo is at most 254)
+    for (int i = 0; i + 1 < kMapSize; ++i) v[i] = scaled_gaps ? (qmap[i + 1] - qmap[i]) * 0x1p-24f : qmap[i + 1];
+    return v;
+  }
+#endif
 
   // quant.h's quantize_nearest(x, mid): the number of midpoints below x (ties to even).
   uint8_t nearest(float x) const {
@@ -943,13 +983,6 @@ inline bool stage_counts(const Buckets& buckets, const fVec* x, uint16_t* est) {
   return _mm512_cmpgt_epu16_mask(words, _mm512_set1_epi16(255)) != 0;
 }
 
-// quant.h's quantize_stochastic on V lanes with the neighbours' values below and above: the lanes
-// where u < (x - below) / (above - below), whose code is one above the count.
-inline __mmask16 rounds_up(const float* xs, const fVec& u, const fVec& below, const fVec& above) {
-  const fVec frac = (fVec::loadu(xs) - below) / (above - below);
-  return _mm512_cmp_ps_mask(u, frac, _CMP_LT_OQ);
-}
-
 // Stochastic rounding's random numbers (uniform_at), vector by vector for consecutive elements from
 // `first` on. No vector may straddle two 2^32-element spans: `first` is a multiple of fVec::size()
 // (step_run_pipelined), or all the elements lie in one span (encode_tile).
@@ -959,12 +992,13 @@ class Uniforms {
       : stream_(stream), at_(first), index_(iVec(static_cast<int32_t>(static_cast<uint32_t>(first))) + iVec::arange(0, 1)) {
     new_span();
   }
-  fVec next() {
+  fVec next() { return next_ticks() * fVec(1.0f / 16777216.0f); }
+  fVec next_ticks() {  // u * 2^24 (uniform_ticks_vec)
     if ((at_ >> 32) != hi_) new_span();
-    const fVec u = uniform_vec(span_, index_);
+    const fVec ticks = uniform_ticks_vec(span_, index_);
     index_ = index_ + iVec(fVec::size());
     at_ += fVec::size();
-    return u;
+    return ticks;
   }
 
  private:
@@ -977,16 +1011,30 @@ class Uniforms {
   iVec index_, span_;
 };
 
+// quant.h's quantize_stochastic on V lanes, the lanes whose code is one above the count lo: where
+// u < (x - below) / (above - below), with below = q[lo] and `next` the second table's entry at lo
+// (Codebook::next). With scaled gaps, next is RN(above - below) * 2^-24 and the test is
+// u * 2^24 < (x - below) / next, the same for every x that reaches it (docs/decisions.md): both sides
+// are the usual ones times 2^24, exactly, and where the fraction would be subnormal or zero the
+// ticks' side is 0 or at least 1 and the fraction's below 2^-102, positive exactly when d is.
+template <bool ScaledGaps>
+inline __mmask16 rounds_up(const float* xs, Uniforms& uniforms, const fVec& below, const fVec& next) {
+  const fVec d = fVec::loadu(xs) - below;
+  if constexpr (ScaledGaps) return _mm512_cmp_ps_mask(uniforms.next_ticks(), d / next, _CMP_LT_OQ);
+  return _mm512_cmp_ps_mask(uniforms.next(), d / (next - below), _CMP_LT_OQ);
+}
+
 // Stochastic rounding's last stage over n staged values of the elements first... (n a multiple of
 // MapDecoder::kWidth): with lo from est and x from xs, the code lo + 1 where u < (x - q[lo]) /
-// (q[lo + 1] - q[lo]), else lo (rounds_up), the neighbours' values from the map's byte or word planes.
-// The random numbers u are made here, not staged with the counts: their hash is mostly shifts and
-// multiplies, which take port 0, as do the square root and division of the update beside the
-// staging, while this loop's lookups keep port 5 busy. (Intel Xeon: the kernel alone on one thread
-// no faster, steps through the optimizer at 16M on two threads 0.65-0.69 -> 0.63-0.67 ns per element,
-// four rounds each in alternation; and no staged u to store and load.)
-inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* est, const float* xs, int64_t n,
-                         uint64_t stream, int64_t first) {
+// (q[lo + 1] - q[lo]), else lo (rounds_up), q[lo] and the second table's entry from byte or word
+// planes, both at the one index lo. The random numbers u are made here, not staged with the counts:
+// their hash is mostly shifts and multiplies, which take port 0, as do the square root and division
+// of the update beside the staging, while this loop's lookups keep port 5 busy. (Intel Xeon: the
+// kernel alone on one thread no faster, steps through the optimizer at 16M on two threads 0.65-0.69
+// -> 0.63-0.67 ns per element, four rounds each in alternation; and no staged u to store and load.)
+template <bool ScaledGaps>
+void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* est, const float* xs, int64_t n,
+                  uint64_t stream, int64_t first) {
   constexpr int64_t W = MapDecoder::kWidth, V = fVec::size();
   Uniforms uniforms(stream, first);
   int64_t g = 0;
@@ -996,18 +1044,19 @@ inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* e
   // and 42 loads and 14 spills per call to set up.)
   const MapDecoder& map = book.decoder;
   // Two groups at a time through the byte planes: their 64 codes lo as bytes (the low byte of each
-  // word of the two groups), the neighbours' values for all 64 at once.
+  // word of the two groups), both tables' values for all 64 at once.
   alignas(64) uint8_t low_bytes[64];
   for (int k = 0; k < 64; ++k) low_bytes[k] = static_cast<uint8_t>(2 * k);  // bit 6: the second group
   const __m512i pack = _mm512_load_si512(low_bytes);
   for (; g + 2 * W <= n; g += 2 * W) {
     const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(est + g), pack, _mm512_load_si512(est + g + W));
-    fVec below[4], above[4];
-    map.lookup_bytes(lo, below);
-    map.lookup_bytes(_mm512_add_epi8(lo, _mm512_set1_epi8(1)), above);
+    const MapDecoder::ByteIndex at = map.byte_index(lo);
+    fVec below[4], next[4];
+    map.lookup_bytes(at, below);
+    book.next.lookup_bytes(at, next);
     __mmask64 up = 0;
     for (int k = 0; k < 4; ++k) {
-      up |= static_cast<__mmask64>(rounds_up(xs + g + k * V, uniforms.next(), below[k], above[k])) << (16 * k);
+      up |= static_cast<__mmask64>(rounds_up<ScaledGaps>(xs + g + k * V, uniforms, below[k], next[k])) << (16 * k);
     }
     _mm512_storeu_si512(codes + g, _mm512_mask_add_epi8(lo, up, lo, _mm512_set1_epi8(1)));
   }
@@ -1016,15 +1065,24 @@ inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* e
   const MapDecoder words = book.decoder;  // a local: kept in registers across the code stores
   for (; g < n; g += W) {
     const __m512i lo = _mm512_load_si512(est + g);
-    fVec below[2], above[2];
+    fVec below[2], next[2];
     words.lookup_words(lo, below);
-    words.lookup_words(_mm512_add_epi16(lo, _mm512_set1_epi16(1)), above);
+    book.next.lookup_words(lo, next);
     __mmask32 up = 0;
     for (int k = 0; k < 2; ++k) {
-      up |= static_cast<__mmask32>(rounds_up(xs + g + k * V, uniforms.next(), below[k], above[k])) << (16 * k);
+      up |= static_cast<__mmask32>(rounds_up<ScaledGaps>(xs + g + k * V, uniforms, below[k], next[k])) << (16 * k);
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + g),
                         _mm512_cvtepi16_epi8(_mm512_mask_add_epi16(lo, up, lo, _mm512_set1_epi16(1))));
+  }
+}
+
+inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* est, const float* xs, int64_t n,
+                         uint64_t stream, int64_t first) {
+  if (book.scaled_gaps) {
+    round_staged<true>(book, codes, est, xs, n, stream, first);
+  } else {
+    round_staged<false>(book, codes, est, xs, n, stream, first);
   }
 }
 #endif
@@ -1173,8 +1231,10 @@ inline void encode_tile(const Call& call, const Item& it, int64_t i0, int64_t le
 
 #if defined(CPU_CAPABILITY_AVX512)
 // The codes of the MapDecoder::kDecodeWidth values at s under div's scale: nearest rounding through
-// the bucket table.
-inline void nearest_chunk(const Codebook& book, uint8_t* codes, const float* s, const Quotient& div) {
+// the bucket table. Always inlined into step_run_pipelined's loop, like update_chunk: GCC made it a
+// call once round_staged became a template (block-wise steps 0.62 -> 0.64 ns per element, one thread).
+__attribute__((always_inline)) inline void nearest_chunk(const Codebook& book, uint8_t* codes, const float* s,
+                                                         const Quotient& div) {
   for (int64_t e = 0; e < MapDecoder::kDecodeWidth; e += fVec::size()) {
     LaneMask search;
     store_codes(codes + e, book.nearest(div(fVec::loadu(s + e)), search));
