@@ -442,7 +442,10 @@ def test_unknown_code_search_is_ignored_with_a_warning(tmp_path):
 # maps changed between calls), which this process runs under the kernels the machine picks.
 LOOKUP_TESTS = ["test_map_changes_between_calls", "test_every_rounding_edge_matches_reference",
                 "test_any_sorted_map_matches_reference", "test_lookup_edge_lanes_match_reference",
-                "test_exact_midpoints_and_map_values_in_the_kernel", "test_non_finite_gradient_stays_in_its_element"]
+                "test_exact_midpoints_and_map_values_in_the_kernel", "test_non_finite_gradient_stays_in_its_element",
+                "test_stochastic_fraction_equal_to_u_matches_reference",
+                "test_stochastic_fractions_of_tiny_values_match_reference",
+                "test_map_first_loaded_under_flush_modes_matches_reference"]
 
 
 @pytest.mark.parametrize("cap", list(KERNEL_VARIANTS))
@@ -639,11 +642,41 @@ def test_flush_to_zero_alone_every_lane_matches_reference(tmp_path):
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (a, b)
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="MXCSR is x86's")
+def test_map_first_loaded_under_flush_modes_matches_reference(tmp_path):
+    """The CPU kernels keep a map's tables for later calls (codebook_for), built under whatever MXCSR
+    mode the first call ran in; whether stochastic rounding scales the map's gaps must not depend on
+    it (a review found the first check read a subnormal value as 0 under denormals-are-zero). A map
+    with a subnormal value, first used under flush-to-zero and denormals-are-zero, then normally on
+    x below that value, which reach the vector fraction where the counter finds codes."""
+    qmap = torch.cat([torch.tensor([0.0, 1e-40]), torch.linspace(2e-3, 1, 254)])  # in no other test
+    n = 4096
+    grads = torch.rand(n, generator=torch.Generator().manual_seed(7)) * 1e-20  # g * g up to 1e-40
+    grads[255::256] = 1.0
+
+    def case():
+        return Case("blockwise", ([torch.zeros(n)], [grads.clone()], [torch.zeros(n, dtype=torch.uint8)],
+                                  [torch.ones(n // 256)], qmap, [torch.tensor(1.0)]),
+                    dict(lr=torch.tensor(0.01), lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False,
+                         block_size=256, seeds=[torch.tensor(2)]))
+
+    with mxcsr_mode(tmp_path, FTZ | DAZ):
+        case().run()  # the map's tables are made in this mode
+    check_against_reference(case())
+
+
 def tiny_gap_map():
     """A sorted map with a subnormal value and two values 2^-133 apart: the CPU kernels cannot take
     its gaps scaled by 2^-24 (Codebook::scaled_gaps) and use q[lo + 1] - q[lo] as it comes."""
     tiny = torch.tensor([0.0, 1e-40, 2.0**-110, 2.0**-110 * (1 + 2.0**-23)])
     return torch.cat([tiny, torch.linspace(1e-3, 1, 252)])
+
+
+def first_gap_tiny_map():
+    """A map whose first gap, 0 to 2^-110 (1 + 2^-23), would not scale exactly: with the counter
+    (ADAGRAD8_CODE_SEARCH=permute) x below it reaches the vector fraction, so there the kernel must
+    notice (a review's example: scaled anyway, 294k of 2M such x rounded differently)."""
+    return torch.cat([torch.tensor([0.0, 2.0**-110 * (1 + 2.0**-23)]), torch.linspace(1e-3, 1, 254)])
 
 
 @pytest.mark.parametrize("block", [256, 2048])
@@ -653,12 +686,17 @@ def test_stochastic_fraction_equal_to_u_matches_reference(block):
     one float anywhere (the scaled gaps' u * 2^24 < d / (gap * 2^-24), docs/decisions.md) changes
     these codes. Every position's u is known in advance (reference.uniforms), x is made for it and
     reached exactly as fl(q[c] + fl(g * g)) with old scale 1 (every other element is 1.0, so every
-    block's new scale is 1)."""
+    block's new scale is 1). x from 2^-29 up (below, some maps' lanes take the exact search), except
+    for first_gap_tiny_map's first gap. LOOKUP_TESTS runs it under every kernel variant."""
     n, seed, step = 64 * block, torch.tensor(3), torch.tensor(1.0)
     u = reference.uniforms(seed, step, n).float()
     gen = torch.Generator().manual_seed(block)
-    for qmap in (Q.tapered_map(), Q.unsigned_map(), tiny_gap_map()):
+    first_gap = first_gap_tiny_map()
+    for qmap, min_x in ((Q.tapered_map(), 2.0**-29), (Q.unsigned_map(), 2.0**-29), (tiny_gap_map(), 2.0**-29),
+                        (first_gap, 0.0)):
         usable = torch.nonzero((qmap[:-1] >= 0) & (qmap[1:] > qmap[:-1])).flatten()
+        if qmap is first_gap:
+            usable = usable[:1]
         lo = usable[torch.randint(len(usable), (n,), generator=gen)]
         below, gap = qmap[lo], qmap[lo + 1] - qmap[lo]
         want_up = torch.rand(n, generator=gen) < 0.5  # fraction just above u, else equal to it
@@ -672,7 +710,7 @@ def test_stochastic_fraction_equal_to_u_matches_reference(block):
             ok = torch.where(want_up, frac == torch.nextafter(u, torch.ones_like(u)), frac == u)
             best = torch.where(ok & (best == 0), x, best)
         codes, grads, hit = reach(qmap, best)
-        hit &= best >= 2.0**-29  # x in the kernel's vector path (x below 2^-30 may take the search)
+        hit &= best > min_x
         assert hit.sum() > n // 128, hit.sum()  # 1.5-3%: a fraction equal to u is rare where x's floats are coarse
         # The other elements get 1.0 too: an x of 0 lies in a bucket that some maps send to the exact
         # search, and the kernel then redoes its whole group of 32 one element at a time.
@@ -698,7 +736,7 @@ def test_stochastic_fractions_of_tiny_values_match_reference(tmp_path, bits):
     gen = torch.Generator().manual_seed(1)
     n = 4096
     grads = torch.exp2(-torch.rand(n, generator=gen, dtype=torch.float64) * 76).float()
-    for qmap in (Q.unsigned_map(), Q.tapered_map(), tiny_gap_map()):
+    for qmap in (Q.unsigned_map(), Q.tapered_map(), tiny_gap_map(), first_gap_tiny_map()):
         for block in (256, 2048, 96):
             g = grads.clone()
             g[block - 1::block] = 1.0

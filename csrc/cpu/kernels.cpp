@@ -24,6 +24,9 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>  // _mm_getcsr, _mm_setcsr
+#endif
 
 #include "adagrad8/quant.h"
 #include "adagrad8/rng.h"
@@ -718,10 +721,10 @@ struct Codebook {
 #endif
 #if defined(CPU_CAPABILITY_AVX512)
   CodeCounter counter;    // the same counts as buckets, 32 lanes at a time without a gather
-  // Stochastic rounding's second table (round_staged), read at the same index lo as q[lo]: with
-  // scaled_gaps RN(q[lo + 1] - q[lo]) * 2^-24, else q[lo + 1]. The scaled gaps are used where they
-  // are exact and computing them here gives what the kernel would get under any MXCSR mode: no map
-  // value is subnormal and every gap is 0 or at least 2^-102 (every named map).
+  // Stochastic rounding's second table (round_staged with byte permutes), read at the same index lo
+  // as q[lo]: with scaled_gaps RN(q[lo + 1] - q[lo]) * 2^-24, else q[lo + 1]. The gaps are scaled
+  // where that is exact and what the kernel's own subtraction would give under any MXCSR mode: no
+  // map value is subnormal and every gap is 0 or at least 2^-102 (every named map).
   bool scaled_gaps;
   MapDecoder next;
 #endif
@@ -764,19 +767,26 @@ struct Codebook {
     return dst;
   }
 #if defined(CPU_CAPABILITY_AVX512)
+  // Decided on the bits and in double, so that the calling thread's MXCSR (flush-to-zero, denormals-
+  // are-zero) cannot change the answer; the map is cached for later calls (codebook_for).
   static bool gaps_scale_exactly(const float* qmap) {
     for (int i = 0; i < kMapSize; ++i) {
-      if (qmap[i] != 0.0f && std::fabs(qmap[i]) < std::numeric_limits<float>::min()) return false;
+      const uint32_t bits = float_bits(qmap[i]);
+      if ((bits & 0x7f800000u) == 0 && (bits & 0x007fffffu) != 0) return false;  // subnormal
     }
     for (int i = 0; i + 1 < kMapSize; ++i) {
-      const float gap = qmap[i + 1] - qmap[i];
-      if (gap != 0.0f && gap < 0x1p-102f) return false;
+      const double gap = static_cast<double>(qmap[i + 1]) - static_cast<double>(qmap[i]);  // >= 2^-149 or 0
+      if (gap != 0.0 && gap < 0x1p-102) return false;
     }
     return true;
   }
+  // fl(q[i + 1] - q[i]) (in double, then rounded once more: exact, as 53 >= 2 * 24 + 2), times 2^-24.
   static std::array<float, kMapSize> next_values(const float* qmap, bool scaled_gaps) {
     std::array<float, kMapSize> v{};  // v[255]: never read (lo is at most 254)
-    for (int i = 0; i + 1 < kMapSize; ++i) v[i] = scaled_gaps ? (qmap[i + 1] - qmap[i]) * 0x1p-24f : qmap[i + 1];
+    for (int i = 0; i + 1 < kMapSize; ++i) {
+      const float gap = static_cast<float>(static_cast<double>(qmap[i + 1]) - static_cast<double>(qmap[i]));
+      v[i] = scaled_gaps ? gap * 0x1p-24f : qmap[i + 1];
+    }
     return v;
   }
 #endif
@@ -1026,8 +1036,8 @@ inline __mmask16 rounds_up(const float* xs, Uniforms& uniforms, const fVec& belo
 
 // Stochastic rounding's last stage over n staged values of the elements first... (n a multiple of
 // MapDecoder::kWidth): with lo from est and x from xs, the code lo + 1 where u < (x - q[lo]) /
-// (q[lo + 1] - q[lo]), else lo (rounds_up), q[lo] and the second table's entry from byte or word
-// planes, both at the one index lo. The random numbers u are made here, not staged with the counts:
+// (q[lo + 1] - q[lo]), else lo (rounds_up): with byte permutes q[lo] and the second table's entry
+// (Codebook::next), both at the one index lo, else q[lo] and q[lo + 1] from word planes. The random numbers u are made here, not staged with the counts:
 // their hash is mostly shifts and multiplies, which take port 0, as do the square root and division
 // of the update beside the staging, while this loop's lookups keep port 5 busy. (Intel Xeon: the
 // kernel alone on one thread no faster, steps through the optimizer at 16M on two threads 0.65-0.69
@@ -1062,15 +1072,17 @@ void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* est, con
   }
 #endif
   if (g == n) return;
+  // Without VBMI: q[lo] and q[lo + 1] from the map's word planes, held in registers (the second table
+  // as well would not fit, and read from memory it made this loop slower).
   const MapDecoder words = book.decoder;  // a local: kept in registers across the code stores
   for (; g < n; g += W) {
     const __m512i lo = _mm512_load_si512(est + g);
-    fVec below[2], next[2];
+    fVec below[2], above[2];
     words.lookup_words(lo, below);
-    book.next.lookup_words(lo, next);
+    words.lookup_words(_mm512_add_epi16(lo, _mm512_set1_epi16(1)), above);
     __mmask32 up = 0;
     for (int k = 0; k < 2; ++k) {
-      up |= static_cast<__mmask32>(rounds_up<ScaledGaps>(xs + g + k * V, uniforms, below[k], next[k])) << (16 * k);
+      up |= static_cast<__mmask32>(rounds_up<false>(xs + g + k * V, uniforms, below[k], above[k])) << (16 * k);
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + g),
                         _mm512_cvtepi16_epi8(_mm512_mask_add_epi16(lo, up, lo, _mm512_set1_epi16(1))));
@@ -1467,6 +1479,22 @@ struct BigBlock {
   int64_t block;
 };
 
+// Clears MXCSR's flush-to-zero and denormals-are-zero for its lifetime (x86). A Codebook is kept for
+// later calls, which may run in another mode than the one that builds it: built under
+// denormals-are-zero, its tables read a subnormal map value as 0 (a review's case: every x below it
+// got the code above it in later calls; tests/test_numerics.py, map first loaded under flush modes).
+class DefaultFloatMode {
+ public:
+#if defined(__x86_64__) || defined(__i386__)
+  DefaultFloatMode() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ & ~(kFlushToZero | kDenormalsAreZero)); }
+  ~DefaultFloatMode() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFlushToZero = 0x8000, kDenormalsAreZero = 0x0040;
+  unsigned saved_;
+#endif
+};
+
 // The Codebook of a map and rounding mode, kept for the last few asked for: a map rarely changes
 // between steps, and building its tables takes longer (~25 us) than a small step.
 std::shared_ptr<const Codebook> codebook_for(const float* qmap, bool stochastic) {
@@ -1486,6 +1514,7 @@ std::shared_ptr<const Codebook> codebook_for(const float* qmap, bool stochastic)
       return hit.book;
     }
   }
+  [[maybe_unused]] const DefaultFloatMode mode;
   const Kept fresh{stochastic, std::make_shared<const Codebook>(qmap, stochastic)};  // ~40 KB: on the heap
   kept.push_front(fresh);
   if (kept.size() > kKept) kept.pop_back();
