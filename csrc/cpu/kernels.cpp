@@ -767,26 +767,20 @@ struct Codebook {
     return dst;
   }
 #if defined(CPU_CAPABILITY_AVX512)
-  // Decided on the bits and in double, so that the calling thread's MXCSR (flush-to-zero, denormals-
-  // are-zero) cannot change the answer; the map is cached for later calls (codebook_for).
+  // (Built with flush-to-zero and denormals-are-zero off: codebook_for.)
   static bool gaps_scale_exactly(const float* qmap) {
     for (int i = 0; i < kMapSize; ++i) {
-      const uint32_t bits = float_bits(qmap[i]);
-      if ((bits & 0x7f800000u) == 0 && (bits & 0x007fffffu) != 0) return false;  // subnormal
+      if (qmap[i] != 0.0f && std::fabs(qmap[i]) < std::numeric_limits<float>::min()) return false;
     }
     for (int i = 0; i + 1 < kMapSize; ++i) {
-      const double gap = static_cast<double>(qmap[i + 1]) - static_cast<double>(qmap[i]);  // >= 2^-149 or 0
-      if (gap != 0.0 && gap < 0x1p-102) return false;
+      const float gap = qmap[i + 1] - qmap[i];
+      if (gap != 0.0f && gap < 0x1p-102f) return false;
     }
     return true;
   }
-  // fl(q[i + 1] - q[i]) (in double, then rounded once more: exact, as 53 >= 2 * 24 + 2), times 2^-24.
   static std::array<float, kMapSize> next_values(const float* qmap, bool scaled_gaps) {
     std::array<float, kMapSize> v{};  // v[255]: never read (lo is at most 254)
-    for (int i = 0; i + 1 < kMapSize; ++i) {
-      const float gap = static_cast<float>(static_cast<double>(qmap[i + 1]) - static_cast<double>(qmap[i]));
-      v[i] = scaled_gaps ? gap * 0x1p-24f : qmap[i + 1];
-    }
+    for (int i = 0; i + 1 < kMapSize; ++i) v[i] = scaled_gaps ? (qmap[i + 1] - qmap[i]) * 0x1p-24f : qmap[i + 1];
     return v;
   }
 #endif
@@ -1037,9 +1031,10 @@ inline __mmask16 rounds_up(const float* xs, Uniforms& uniforms, const fVec& belo
 // Stochastic rounding's last stage over n staged values of the elements first... (n a multiple of
 // MapDecoder::kWidth): with lo from est and x from xs, the code lo + 1 where u < (x - q[lo]) /
 // (q[lo + 1] - q[lo]), else lo (rounds_up): with byte permutes q[lo] and the second table's entry
-// (Codebook::next), both at the one index lo, else q[lo] and q[lo + 1] from word planes. The random numbers u are made here, not staged with the counts:
-// their hash is mostly shifts and multiplies, which take port 0, as do the square root and division
-// of the update beside the staging, while this loop's lookups keep port 5 busy. (Intel Xeon: the
+// (Codebook::next), both at the one index lo, else q[lo] and q[lo + 1] from word planes. The random
+// numbers u are made here, not staged with the counts: their hash is mostly shifts and multiplies,
+// which take port 0, as do the square root and division of the update beside the staging, while this
+// loop's lookups keep port 5 busy. (Intel Xeon: the
 // kernel alone on one thread no faster, steps through the optimizer at 16M on two threads 0.65-0.69
 // -> 0.63-0.67 ns per element, four rounds each in alternation; and no staged u to store and load.)
 template <bool ScaledGaps>
