@@ -724,8 +724,10 @@ struct Codebook {
   // Stochastic rounding's second table (round_staged with byte permutes), read at the same index lo
   // as q[lo]: with scaled_gaps RN(q[lo + 1] - q[lo]) * 2^-24, else q[lo + 1]. The gaps are scaled
   // where that is exact and what the kernel's own subtraction would give under any MXCSR mode: no
-  // map value is subnormal and every gap is 0 or at least 2^-102 (every named map).
+  // map value is subnormal and every gap is 0 or at least 2^-102 (every named map). Twice: as byte
+  // planes for the permutes, and as floats for a gather (Call::gather_codes: round_staged).
   bool scaled_gaps;
+  alignas(64) std::array<float, kMapSize> next_floats;
   MapDecoder next;
 #endif
 
@@ -736,7 +738,7 @@ struct Codebook {
       : decoder(copy_map(q, qmap))
 #endif
 #if defined(CPU_CAPABILITY_AVX512)
-      , scaled_gaps(gaps_scale_exactly(qmap)), next(next_values(qmap, scaled_gaps).data())
+      , scaled_gaps(gaps_scale_exactly(qmap)), next_floats(next_values(qmap, scaled_gaps)), next(next_floats.data())
 #endif
   {
     copy_map(q, qmap);  // again: the DEFAULT build has no decoder
@@ -1031,13 +1033,16 @@ inline __mmask16 rounds_up(const float* xs, Uniforms& uniforms, const fVec& belo
 // Stochastic rounding's last stage over n staged values of the elements first... (n a multiple of
 // MapDecoder::kWidth): with lo from est and x from xs, the code lo + 1 where u < (x - q[lo]) /
 // (q[lo + 1] - q[lo]), else lo (rounds_up): with byte permutes q[lo] and the second table's entry
-// (Codebook::next), both at the one index lo, else q[lo] and q[lo + 1] from word planes. The random
-// numbers u are made here, not staged with the counts: their hash is mostly shifts and multiplies,
-// which take port 0, as do the square root and division of the update beside the staging, while this
-// loop's lookups keep port 5 busy. (Intel Xeon: the
-// kernel alone on one thread no faster, steps through the optimizer at 16M on two threads 0.65-0.69
-// -> 0.63-0.67 ns per element, four rounds each in alternation; and no staged u to store and load.)
-template <bool ScaledGaps>
+// (Codebook::next), both at the one index lo, else q[lo] and q[lo + 1] from word planes. With Gather
+// (where Call::gather_codes says gathers are fast) the second table's entries come by gathers from
+// Codebook::next_floats instead: the byte permutes keep port 5 busy and the gathers mostly use the load
+// ports (Intel Xeon, one thread, 262144 elements: 1.011-1.016 -> 0.940-0.963 ns per element; gathering
+// q[lo] as well, 1.039-1.040). The random numbers u are made here, not staged with the counts: their
+// hash is mostly shifts and multiplies, which take port 0, as do the square root and division of the
+// update beside the staging. (Intel Xeon: the kernel alone on one thread no faster, steps through the
+// optimizer at 16M on two threads 0.65-0.69 -> 0.63-0.67 ns per element, four rounds each in
+// alternation; and no staged u to store and load.)
+template <bool ScaledGaps, bool Gather>
 void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* est, const float* xs, int64_t n,
                   uint64_t stream, int64_t first) {
   constexpr int64_t W = MapDecoder::kWidth, V = fVec::size();
@@ -1058,7 +1063,14 @@ void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* est, con
     const MapDecoder::ByteIndex at = map.byte_index(lo);
     fVec below[4], next[4];
     map.lookup_bytes(at, below);
-    book.next.lookup_bytes(at, next);
+    if constexpr (Gather) {
+      for (int k = 0; k < 4; ++k) {
+        const __m256i words = _mm256_load_si256(reinterpret_cast<const __m256i*>(est + g + k * V));
+        next[k] = _mm512_i32gather_ps(_mm512_cvtepu16_epi32(words), book.next_floats.data(), 4);
+      }
+    } else {
+      book.next.lookup_bytes(at, next);
+    }
     __mmask64 up = 0;
     for (int k = 0; k < 4; ++k) {
       up |= static_cast<__mmask64>(rounds_up<ScaledGaps>(xs + g + k * V, uniforms, below[k], next[k])) << (16 * k);
@@ -1085,11 +1097,11 @@ void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* est, con
 }
 
 inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* est, const float* xs, int64_t n,
-                         uint64_t stream, int64_t first) {
+                         uint64_t stream, int64_t first, bool gather) {
   if (book.scaled_gaps) {
-    round_staged<true>(book, codes, est, xs, n, stream, first);
+    (gather ? round_staged<true, true> : round_staged<true, false>)(book, codes, est, xs, n, stream, first);
   } else {
-    round_staged<false>(book, codes, est, xs, n, stream, first);
+    (gather ? round_staged<false, true> : round_staged<false, false>)(book, codes, est, xs, n, stream, first);
   }
 }
 #endif
@@ -1214,7 +1226,7 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
         }
       }
     }
-    if constexpr (Stochastic) round_staged(book, codes + j, est, xs, n, stream, i0 + j);
+    if constexpr (Stochastic) round_staged(book, codes + j, est, xs, n, stream, i0 + j, gather);
     for (; redo != 0; redo &= redo - 1) encode_group(j + W * __builtin_ctzll(redo));
     j += n;
   }
@@ -1439,7 +1451,7 @@ void step_run_pipelined(const Call& call, const Item& it, int64_t begin, int64_t
         }
       }
       if constexpr (Stochastic) {
-        round_staged(book, prev_codes, est, xs, B, it.stream, prev);
+        round_staged(book, prev_codes, est, xs, B, it.stream, prev, /*gather=*/true);
         for (; redo != 0; redo &= redo - 1) {
           for (int64_t e = W * __builtin_ctzll(redo), g_end = e + W; e < g_end; ++e) {
             const float x = normalize(prev_s[e], prev_scale);
