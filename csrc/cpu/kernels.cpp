@@ -1063,7 +1063,7 @@ void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* est, con
     const MapDecoder::ByteIndex at = map.byte_index(lo);
     fVec below[4], next[4];
     map.lookup_bytes(at, below);
-    if constexpr (Gather) {
+    if constexpr (Gather) {  // est's words are capped at 254 (stage_counts): inside next_floats
       for (int k = 0; k < 4; ++k) {
         const __m256i words = _mm256_load_si256(reinterpret_cast<const __m256i*>(est + g + k * V));
         next[k] = _mm512_i32gather_ps(_mm512_cvtepu16_epi32(words), book.next_floats.data(), 4);
@@ -1451,7 +1451,7 @@ void step_run_pipelined(const Call& call, const Item& it, int64_t begin, int64_t
         }
       }
       if constexpr (Stochastic) {
-        round_staged(book, prev_codes, est, xs, B, it.stream, prev, /*gather=*/true);
+        round_staged(book, prev_codes, est, xs, B, it.stream, prev, call.gather_codes);
         for (; redo != 0; redo &= redo - 1) {
           for (int64_t e = W * __builtin_ctzll(redo), g_end = e + W; e < g_end; ++e) {
             const float x = normalize(prev_s[e], prev_scale);
