@@ -17,22 +17,25 @@ struct Kernels {
   void (*quantized)(const Call&);
 };
 
-// The widest instruction set that this build has and at::get_cpu_capability() allows (which
-// honours the ATEN_CPU_CAPABILITY environment variable). Under AVX512, the byte-permute variant
-// where the CPU has AVX512-VBMI and ADAGRAD8_NO_VBMI is unset (the tests run both).
+// The widest instruction set that this build has, at::get_cpu_capability() allows (which honours
+// the ATEN_CPU_CAPABILITY environment variable) and this CPU has (ADAGRAD8_CPU_HAS_*, from the
+// variants' compiler flags in CMakeLists.txt): torch takes the variable at its word, and
+// ATEN_CPU_CAPABILITY=avx512 on an AMD Zen 3 (AVX2 only) made the AVX-512 kernels die of SIGILL.
+// Under AVX512, the byte-permute variant where the CPU has AVX512-VBMI and ADAGRAD8_NO_VBMI is unset
+// (the tests run both).
 const Kernels& kernels() {
   static const Kernels chosen = [] {
     const std::string cap = at::get_cpu_capability();
 #ifdef ADAGRAD8_HAVE_AVX512_VBMI
-    if (cap == "AVX512" && __builtin_cpu_supports("avx512vbmi") && std::getenv("ADAGRAD8_NO_VBMI") == nullptr) {
+    if (cap == "AVX512" && ADAGRAD8_CPU_HAS_AVX512_VBMI && std::getenv("ADAGRAD8_NO_VBMI") == nullptr) {
       return Kernels{AVX512_VBMI::step_fp32, AVX512_VBMI::step_quantized};
     }
 #endif
 #ifdef ADAGRAD8_HAVE_AVX512
-    if (cap == "AVX512") return Kernels{AVX512::step_fp32, AVX512::step_quantized};
+    if (cap == "AVX512" && ADAGRAD8_CPU_HAS_AVX512) return Kernels{AVX512::step_fp32, AVX512::step_quantized};
 #endif
 #ifdef ADAGRAD8_HAVE_AVX2
-    if (cap == "AVX512" || cap == "AVX2") return Kernels{AVX2::step_fp32, AVX2::step_quantized};
+    if ((cap == "AVX512" || cap == "AVX2") && ADAGRAD8_CPU_HAS_AVX2) return Kernels{AVX2::step_fp32, AVX2::step_quantized};
 #endif
     return Kernels{DEFAULT::step_fp32, DEFAULT::step_quantized};
   }();
