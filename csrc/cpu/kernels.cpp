@@ -364,15 +364,19 @@ inline int max_code(const uint8_t* p, int64_t n) {
   return max_byte(_mm_max_epu8(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1)));
 }
 
-// Decoding with gathers, 16 codes at a time (2 vectors, as on AVX-512).
+// Decoding 16 codes at a time (2 vectors, as on AVX-512) by plain loads: per lane a byte load and a
+// load into a lane (vinsertps from memory). On AMD Zen 3 a vgatherdps of 8 lanes costs about 9 cycles
+// (tools/instruction_cost.cpp), more than the 16 loads and their inserts: block-wise steps 1.54 ->
+// 1.34 ns per element (one thread, 1M elements, in one process). lookup() (codes already in lanes,
+// the rare paths) gathers.
 class MapDecoder {
  public:
   static constexpr int64_t kWidth = 16;
   static constexpr int64_t kDecodeWidth = kWidth;
   explicit MapDecoder(const float* qmap) : qmap_(qmap) {}
   void decode(const uint8_t* codes, fVec* out) const {
-    out[0] = gather(qmap_, load_codes(codes));
-    out[1] = gather(qmap_, load_codes(codes + 8));
+    out[0] = values(codes);
+    out[1] = values(codes + 8);
   }
   void lookup(const iVec* index, fVec* out) const {
     out[0] = gather(qmap_, index[0]);
@@ -380,6 +384,10 @@ class MapDecoder {
   }
 
  private:
+  fVec values(const uint8_t* c) const {  // the map's values of codes c[0..8)
+    const float* q = qmap_;
+    return _mm256_setr_ps(q[c[0]], q[c[1]], q[c[2]], q[c[3]], q[c[4]], q[c[5]], q[c[6]], q[c[7]]);
+  }
   const float* qmap_;
 };
 #endif
@@ -716,6 +724,11 @@ struct Codebook {
   float mid[kMapSize];    // the 255 midpoints, then NaN (never below x, never equal)
   Buckets buckets;        // over mid (nearest) or over q[1..255] (stochastic)
   bool sorted_nonneg;     // 0 <= q[0] <= q[1] <= ... <= q[255] (max_range's bound holds)
+#if defined(CPU_CAPABILITY_AVX2)
+  // q[i] and q[i + 1] side by side (q[256] is +Inf): stochastic rounding's two neighbours of a count
+  // by one 8-byte load (round_staged).
+  alignas(64) float pairs[2 * kMapSize];
+#endif
 #ifdef ADAGRAD8_VECTOR_CODES
   MapDecoder decoder;     // the map in registers (decoding; stochastic rounding's neighbours)
 #endif
@@ -744,6 +757,9 @@ struct Codebook {
     copy_map(q, qmap);  // again: the DEFAULT build has no decoder
     q[kMapSize] = std::numeric_limits<float>::infinity();
     for (int i = 0; i < kMapSize - 1; ++i) mid[i] = midpoint(qmap, i);
+#if defined(CPU_CAPABILITY_AVX2)
+    for (int i = 0; i < kMapSize; ++i) pairs[2 * i] = q[i], pairs[2 * i + 1] = q[i + 1];
+#endif
     mid[kMapSize - 1] = std::numeric_limits<float>::quiet_NaN();
     sorted_nonneg = q[0] >= 0.0f;
     for (int i = 0; i + 1 < kMapSize; ++i) sorted_nonneg = sorted_nonneg && q[i] <= q[i + 1];
@@ -988,7 +1004,20 @@ inline bool stage_counts(const Buckets& buckets, const fVec* x, uint16_t* est) {
   _mm512_store_si512(est, _mm512_min_epu16(words, _mm512_set1_epi16(254)));
   return _mm512_cmpgt_epu16_mask(words, _mm512_set1_epi16(255)) != 0;
 }
+#elif defined(CPU_CAPABILITY_AVX2)
+// The same on AVX2 (16 values in two vectors, a gather each).
+inline bool stage_counts(const Buckets& buckets, const fVec* x, uint16_t* est) {
+  LaneMask search[2];
+  const iVec count[2] = {buckets.count(x[0], search[0]), buckets.count(x[1], search[1])};
+  // packus_epi32 interleaves by 128-bit lane (the quadwords hold count[0] lanes 0-3, count[1] lanes
+  // 0-3, count[0] lanes 4-7, count[1] lanes 4-7); the quadword permute puts them in order.
+  const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(count[0], count[1]), _MM_SHUFFLE(3, 1, 2, 0));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(est), _mm256_min_epu16(words, _mm256_set1_epi16(254)));
+  return any_lane(search[0] | search[1]);
+}
+#endif
 
+#ifdef ADAGRAD8_VECTOR_CODES
 // Stochastic rounding's random numbers (uniform_at), vector by vector for consecutive elements from
 // `first` on. No vector may straddle two 2^32-element spans: `first` is a multiple of fVec::size()
 // (step_run_pipelined), or all the elements lie in one span (encode_tile).
@@ -1016,6 +1045,9 @@ class Uniforms {
   int64_t at_, hi_ = 0;
   iVec index_, span_;
 };
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512)
 
 // quant.h's quantize_stochastic on V lanes, the lanes whose code is one above the count lo: where
 // u < (x - below) / (above - below), with below = q[lo] and `next` the second table's entry at lo
@@ -1104,6 +1136,34 @@ inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* e
     (gather ? round_staged<false, true> : round_staged<false, false>)(book, codes, est, xs, n, stream, first);
   }
 }
+#elif defined(CPU_CAPABILITY_AVX2)
+// Stochastic rounding's last stage on AVX2 (the AVX-512 one above says what it does): per lane one
+// 8-byte load of q[lo] and q[lo + 1] (Codebook::pairs) at the staged count lo, read as a plain
+// integer. Staged, these loads wait on nothing but est; in one pass with the counts (encode_group)
+// each waited on its gather through a store and a reload, and the steps held so many instructions
+// in flight that too few groups overlapped (AMD Zen 3, one thread, 1M elements, in one process: 3.49
+// -> 2.31 ns per element). `gather` is unused: AVX2 has only the bucket table.
+inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* est, const float* xs, int64_t n,
+                         uint64_t stream, int64_t first, bool /*gather*/) {
+  constexpr int64_t V = fVec::size();
+  const float* pairs = book.pairs;
+  const auto two_pairs = [pairs](uint16_t a, uint16_t b) {  // q[a], q[a + 1], q[b], q[b + 1]
+    return _mm_loadh_pi(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(pairs + 2 * a))),
+                        reinterpret_cast<const __m64*>(pairs + 2 * b));
+  };
+  Uniforms uniforms(stream, first);
+  for (int64_t g = 0; g < n; g += V) {
+    const uint16_t* lo = est + g;
+    // lanes 0, 1, 4, 5 and 2, 3, 6, 7 (128-bit lanes); the shuffles take the even and odd floats
+    const __m256 a = _mm256_insertf128_ps(_mm256_castps128_ps256(two_pairs(lo[0], lo[1])), two_pairs(lo[4], lo[5]), 1);
+    const __m256 b = _mm256_insertf128_ps(_mm256_castps128_ps256(two_pairs(lo[2], lo[3])), two_pairs(lo[6], lo[7]), 1);
+    const fVec below = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+    const fVec above = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+    const fVec frac = (fVec::loadu(xs + g) - below) / (above - below);
+    const iVec count = _mm256_cvtepu16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(lo)));
+    store_codes(codes + g, count - bits_of(uniforms.next() < frac));  // all ones (-1) where u < frac
+  }
+}
 #endif
 
 // Codes of the len new accumulator values s of the elements at i0 under new_absmax. Everything
@@ -1166,14 +1226,20 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
       encode_vec(e + V, load(e + V));
     }
   };
-#if defined(CPU_CAPABILITY_AVX512)
-  // Over at most kStage values at a time: the counts, either from the bucket table (gather) or in the
-  // counter's two stages, each in a loop of its own with its tables in registers (the loops copy them
-  // into locals), the estimate and then the count; with stochastic rounding, then the neighbours'
-  // values and the rounding. Groups of W values with lanes that neither can count are encoded again
-  // through encode_group at the end.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  // Over at most kStage values at a time: the counts, either from the bucket table (gather; AVX2 has
+  // nothing else) or in the counter's two stages (AVX-512), each in a loop of its own with its tables
+  // in registers (the loops copy them into locals), the estimate and then the count; with stochastic
+  // rounding, then the neighbours' values and the rounding. Groups of W values with lanes that neither
+  // can count are encoded again through encode_group at the end.
+#if defined(CPU_CAPABILITY_AVX2)
+  gather = true;
+#endif
   constexpr int64_t kStage = 256;
-  alignas(64) uint16_t est[kStage], his[kStage], los[kStage];
+  alignas(64) uint16_t est[kStage];
+#if defined(CPU_CAPABILITY_AVX512)
+  alignas(64) uint16_t his[kStage], los[kStage];
+#endif
   alignas(64) float xs[Stochastic ? kStage : 1];  // stochastic rounding's x
   // Stochastic rounding's x of the group at g, for the rounding after the counts (dividing again by the
   // scale costs more).
@@ -1200,6 +1266,7 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
         for (int64_t g = 0; g < n; g += W) encode_group(j + g);
       }
     } else {  // the counter
+#if defined(CPU_CAPABILITY_AVX512)
       {
         const CodeCounter::LineRegs line = book.counter.line_regs();
         for (int64_t g = 0; g < n; g += W) {
@@ -1225,6 +1292,7 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
           }
         }
       }
+#endif
     }
     if constexpr (Stochastic) round_staged(book, codes + j, est, xs, n, stream, i0 + j, gather);
     for (; redo != 0; redo &= redo - 1) encode_group(j + W * __builtin_ctzll(redo));
