@@ -175,7 +175,7 @@ void fp32_range(const Item& it, const StepConfig& c, int64_t begin, int64_t end)
 
 // ---- 8-bit state: vector helpers ---------------------------------------------------------
 //
-// The 8-bit loops decode codes with a MapDecoder (the map in registers on AVX-512, a gather on
+// The 8-bit loops decode codes with a MapDecoder (the map in registers on AVX-512, plain loads on
 // AVX2) and find new codes through a gather from a bucket table (Buckets below: AVX2, and AVX-512
 // where Call::gather_codes says gathers are fast) or with a CodeCounter (AVX-512: register permutes,
 // for CPUs with slow gathers; the lanes it cannot count take the bucket table). at::vec lacks
