@@ -222,7 +222,9 @@ def cpu_flags() -> set[str]:
 def runnable_variants() -> list[str]:
     """The KERNEL_VARIANTS this CPU can run. torch takes ATEN_CPU_CAPABILITY=avx512 at its word, and
     on a CPU without AVX-512 (AMD Zen 3) its own vectorized kernels die of SIGILL."""
-    needs = {"default": set(), "avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}
+    # /proc/cpuinfo's names for the instruction sets CMakeLists.txt compiles each variant with
+    needs = {"default": set(), "avx2": {"avx2", "fma", "f16c", "bmi1", "bmi2"},
+             "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"}}
     flags = cpu_flags()
     return [cap for cap, env in KERNEL_VARIANTS.items() if needs[env["ATEN_CPU_CAPABILITY"]] <= flags]
 
@@ -248,6 +250,8 @@ def test_instruction_sets_give_identical_bits(tmp_path):
     torch.save([(c.kind, c.args, c.kwargs) for c in cases], tmp_path / "in.pt")
     results = {}
     caps = runnable_variants()
+    if len(caps) < 2:
+        pytest.skip("this CPU's flags are unknown or it has no AVX2: nothing to compare")
     for cap in caps:
         out = tmp_path / f"{cap}.pt"
         subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT, str(tmp_path / "in.pt"), str(out)],

@@ -365,7 +365,7 @@ inline int max_code(const uint8_t* p, int64_t n) {
 }
 
 // Decoding 16 codes at a time (2 vectors, as on AVX-512) by plain loads: per lane a byte load and a
-// load into a lane (vinsertps from memory). On AMD Zen 3 a vgatherdps of 8 lanes costs about 9 cycles
+// load into a lane (vinsertps from memory). On AMD Zen 3 a vgatherdps of 8 lanes costs 9-12 cycles
 // (tools/instruction_cost.cpp), more than the 16 loads and their inserts: block-wise steps 1.54 ->
 // 1.34 ns per element (one thread, 1M elements, in one process). lookup() (codes already in lanes,
 // the rare paths) gathers.
@@ -718,6 +718,13 @@ class CodeCounter {
 };
 #endif
 
+#ifdef ADAGRAD8_VECTOR_CODES
+// quantize_stochastic's last step on lanes: lo + 1 where u < (x - below) / (above - below), else lo.
+inline iVec round_up_where(const iVec& lo, const fVec& x, const fVec& below, const fVec& above, const fVec& u) {
+  return lo - bits_of(u < (x - below) / (above - below));  // the compare is all ones (-1) where true
+}
+#endif
+
 // Map, midpoints and the count tables for one map and rounding mode (kept across calls: codebook_for).
 struct Codebook {
   float q[kMapSize + 1];  // the map, then +Inf
@@ -833,10 +840,7 @@ struct Codebook {
     fVec below[2], above[2];
     decoder.lookup(lo, below);
     decoder.lookup(up, above);
-    for (int n = 0; n < 2; ++n) {
-      const fVec frac = (x[n] - below[n]) / (above[n] - below[n]);
-      code[n] = lo[n] - bits_of(u[n] < frac);  // all ones (-1) where u < frac
-    }
+    for (int n = 0; n < 2; ++n) code[n] = round_up_where(lo[n], x[n], below[n], above[n], u[n]);
   }
 #endif
 };
@@ -1010,7 +1014,8 @@ inline bool stage_counts(const Buckets& buckets, const fVec* x, uint16_t* est) {
   LaneMask search[2];
   const iVec count[2] = {buckets.count(x[0], search[0]), buckets.count(x[1], search[1])};
   // packus_epi32 interleaves by 128-bit lane (the quadwords hold count[0] lanes 0-3, count[1] lanes
-  // 0-3, count[0] lanes 4-7, count[1] lanes 4-7); the quadword permute puts them in order.
+  // 0-3, count[0] lanes 4-7, count[1] lanes 4-7); the quadword permute puts them in order. Counts are
+  // at most 0x7fff: no saturation.
   const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(count[0], count[1]), _MM_SHUFFLE(3, 1, 2, 0));
   _mm256_store_si256(reinterpret_cast<__m256i*>(est), _mm256_min_epu16(words, _mm256_set1_epi16(254)));
   return any_lane(search[0] | search[1]);
@@ -1138,8 +1143,8 @@ inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* e
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 // Stochastic rounding's last stage on AVX2 (the AVX-512 one above says what it does): per lane one
-// 8-byte load of q[lo] and q[lo + 1] (Codebook::pairs) at the staged count lo, read as a plain
-// integer. Staged, these loads wait on nothing but est; in one pass with the counts (encode_group)
+// 8-byte load of q[lo] and q[lo + 1] (Codebook::pairs), its address from the staged count lo (read
+// into a general register). Staged, these loads wait on nothing but est; in one pass with the counts (encode_group)
 // each waited on its gather through a store and a reload, and the steps held so many instructions
 // in flight that too few groups overlapped (AMD Zen 3, one thread, 1M elements, in one process: 3.49
 // -> 2.31 ns per element). `gather` is unused: AVX2 has only the bucket table.
@@ -1147,9 +1152,11 @@ inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* e
                          uint64_t stream, int64_t first, bool /*gather*/) {
   constexpr int64_t V = fVec::size();
   const float* pairs = book.pairs;
-  const auto two_pairs = [pairs](uint16_t a, uint16_t b) {  // q[a], q[a + 1], q[b], q[b + 1]
-    return _mm_loadh_pi(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(pairs + 2 * a))),
-                        reinterpret_cast<const __m64*>(pairs + 2 * b));
+  // q[a], q[a + 1], q[b], q[b + 1] (loadl_epi64 and loadh_pi read the floats through types that may
+  // alias them; _mm_load_sd would read a double)
+  const auto two_pairs = [pairs](uint16_t a, uint16_t b) {
+    const __m128 low = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pairs + 2 * a)));
+    return _mm_loadh_pi(low, reinterpret_cast<const __m64*>(pairs + 2 * b));
   };
   Uniforms uniforms(stream, first);
   for (int64_t g = 0; g < n; g += V) {
@@ -1159,9 +1166,8 @@ inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* e
     const __m256 b = _mm256_insertf128_ps(_mm256_castps128_ps256(two_pairs(lo[2], lo[3])), two_pairs(lo[6], lo[7]), 1);
     const fVec below = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
     const fVec above = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
-    const fVec frac = (fVec::loadu(xs + g) - below) / (above - below);
     const iVec count = _mm256_cvtepu16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(lo)));
-    store_codes(codes + g, count - bits_of(uniforms.next() < frac));  // all ones (-1) where u < frac
+    store_codes(codes + g, round_up_where(count, fVec::loadu(xs + g), below, above, uniforms.next()));
   }
 }
 #endif
@@ -1202,9 +1208,9 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
       for (int64_t k = 0; k < V; ++k) encode_one(e + k);
     }
   };
-  // The codes of the W values at e through the bucket table (AVX2; on AVX-512 nearest rounding with
-  // gathers, and the groups that the loop below leaves: lanes outside [0, 1] or in a bucket that
-  // needs the search).
+  // The codes of the W values at e through the bucket table: nearest rounding on AVX2 and, on AVX-512,
+  // with gathers; and the groups that the staged loop below leaves (lanes outside [0, 1] or in a
+  // bucket that needs the search, stretches that straddle two spans) and the tail.
   const auto encode_group = [&](int64_t e) {
     if constexpr (Stochastic) {
       if (((i0 + e) >> 32) != ((i0 + e + W - 1) >> 32)) {  // the lanes straddle two 2^32-element spans
@@ -1232,8 +1238,11 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
   // in registers (the loops copy them into locals), the estimate and then the count; with stochastic
   // rounding, then the neighbours' values and the rounding. Groups of W values with lanes that neither
   // can count are encoded again through encode_group at the end.
-#if defined(CPU_CAPABILITY_AVX2)
-  gather = true;
+#if defined(CPU_CAPABILITY_AVX512)
+  const bool by_gather = gather;
+#else
+  const bool by_gather = true;
+  (void)gather;
 #endif
   constexpr int64_t kStage = 256;
   alignas(64) uint16_t est[kStage];
@@ -1255,7 +1264,7 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
       continue;
     }
     uint64_t redo = 0;  // bit g: the group at j + W * g
-    if (gather) {  // the counts from the bucket table, 16 lanes per gather
+    if (by_gather) {  // the counts from the bucket table
       if constexpr (Stochastic) {
         for (int64_t g = 0; g < n; g += W) {
           const fVec x[2] = {load(j + g), load(j + g + V)};
@@ -1294,7 +1303,7 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
       }
 #endif
     }
-    if constexpr (Stochastic) round_staged(book, codes + j, est, xs, n, stream, i0 + j, gather);
+    if constexpr (Stochastic) round_staged(book, codes + j, est, xs, n, stream, i0 + j, by_gather);
     for (; redo != 0; redo &= redo - 1) encode_group(j + W * __builtin_ctzll(redo));
     j += n;
   }
