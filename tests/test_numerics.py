@@ -461,6 +461,24 @@ def test_unknown_code_search_is_ignored_with_a_warning(tmp_path):
     assert_same(Case(kind, args, kwargs), case)
 
 
+def test_instruction_set_the_cpu_lacks_falls_back(tmp_path):
+    """ATEN_CPU_CAPABILITY=avx512 on a CPU without AVX-512: torch believes the variable, so the op
+    must check the CPU itself and run the widest kernels it has (here the op alone runs in the
+    subprocess: torch's own AVX-512 kernels, which other tests use, would die of SIGILL)."""
+    if "avx512" in runnable_variants():
+        pytest.skip("this CPU has AVX-512: nothing to fall back from")
+    cases = [make_case([(1000,), (77,)], torch.float32, kind, stochastic=kind == "blockwise") for kind in KINDS]
+    torch.save([(c.kind, c.args, c.kwargs) for c in cases], tmp_path / "in.pt")
+    results = {}
+    for cap in ("default", "avx512"):
+        out = tmp_path / f"{cap}.pt"
+        subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT, str(tmp_path / "in.pt"), str(out)],
+                       check=True, env=variant_env(ATEN_CPU_CAPABILITY=cap), cwd=tmp_path)
+        results[cap] = [Case(kind, args, kwargs) for kind, args, kwargs in torch.load(out, weights_only=False)]
+    for a, b in zip(results["default"], results["avx512"]):
+        assert_same(a, b)
+
+
 # The tests of the code lookups' edges (map values, midpoints, bucket edges, non-finite values,
 # maps changed between calls), which this process runs under the kernels the machine picks.
 LOOKUP_TESTS = ["test_map_changes_between_calls", "test_every_rounding_edge_matches_reference",

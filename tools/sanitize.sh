@@ -101,7 +101,11 @@ best=${caps[-1]}
 kernel_tests=(tests/test_numerics.py tests/test_properties.py tests/test_stochastic.py)
 once_tests=(tests/test_bad_input.py tests/test_opcheck.py tests/test_bad_entry_points.py tests/test_optimizer.py
             tests/test_state_dict.py tests/test_reliability.py)
-once_only="test_instruction_sets_give_identical_bits"
+# tests that start their own process per kernel variant: run once, under the best variant
+once_only=()
+for t in test_instruction_sets_give_identical_bits test_instruction_set_the_cpu_lacks_falls_back; do
+  once_only+=(--deselect "tests/test_numerics.py::$t")
+done
 
 # The pytest driver. In the pytest process itself: the imported torch_adagrad8 must be the
 # instrumented copy, with the ASan runtime loaded, running the variant asked for.
@@ -146,7 +150,7 @@ for cap in "${caps[@]}"; do
   if [ "$cap" = "$best" ]; then
     run_pytest "$cap" "${kernel_tests[@]}" "${once_tests[@]}" "$@"
   else
-    run_pytest "$cap" "${kernel_tests[@]}" --deselect "tests/test_numerics.py::$once_only" "$@"
+    run_pytest "$cap" "${kernel_tests[@]}" "${once_only[@]}" "$@"
   fi
 done
 # Under avx512, ops_cpu.cpp picks the kernels with byte permutes where the CPU has AVX512-VBMI, and
@@ -157,12 +161,12 @@ if [[ "$best" == avx512 ]]; then
   for search in permute gather; do
     echo "[sanitize] ADAGRAD8_CODE_SEARCH=$search"
     (export ADAGRAD8_CODE_SEARCH=$search
-     run_pytest avx512 "${kernel_tests[@]}" --deselect "tests/test_numerics.py::$once_only" "$@") || exit 1
+     run_pytest avx512 "${kernel_tests[@]}" "${once_only[@]}" "$@") || exit 1
     caps+=("avx512 with $search")
   done
   if [[ " $flags " == *" avx512vbmi "* ]]; then
     echo "[sanitize] ADAGRAD8_NO_VBMI=1: the plain AVX512 kernels"
-    (export ADAGRAD8_NO_VBMI=1; run_pytest avx512 "${kernel_tests[@]}" --deselect "tests/test_numerics.py::$once_only" "$@") || exit 1
+    (export ADAGRAD8_NO_VBMI=1; run_pytest avx512 "${kernel_tests[@]}" "${once_only[@]}" "$@") || exit 1
     caps+=("avx512 without VBMI")
   fi
 fi
