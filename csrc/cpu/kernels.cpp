@@ -737,7 +737,7 @@ struct Codebook {
   alignas(64) float pairs[2 * kMapSize];
 #endif
 #ifdef ADAGRAD8_VECTOR_CODES
-  MapDecoder decoder;     // the map in registers (decoding; stochastic rounding's neighbours)
+  MapDecoder decoder;     // decoding and stochastic rounding's neighbours (AVX-512: the map in registers)
 #endif
 #if defined(CPU_CAPABILITY_AVX512)
   CodeCounter counter;    // the same counts as buckets, 32 lanes at a time without a gather
@@ -764,10 +764,10 @@ struct Codebook {
     copy_map(q, qmap);  // again: the DEFAULT build has no decoder
     q[kMapSize] = std::numeric_limits<float>::infinity();
     for (int i = 0; i < kMapSize - 1; ++i) mid[i] = midpoint(qmap, i);
+    mid[kMapSize - 1] = std::numeric_limits<float>::quiet_NaN();
 #if defined(CPU_CAPABILITY_AVX2)
     for (int i = 0; i < kMapSize; ++i) pairs[2 * i] = q[i], pairs[2 * i + 1] = q[i + 1];
 #endif
-    mid[kMapSize - 1] = std::numeric_limits<float>::quiet_NaN();
     sorted_nonneg = q[0] >= 0.0f;
     for (int i = 0; i + 1 < kMapSize; ++i) sorted_nonneg = sorted_nonneg && q[i] <= q[i + 1];
     if (stochastic) {
@@ -1144,10 +1144,10 @@ inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* e
 #elif defined(CPU_CAPABILITY_AVX2)
 // Stochastic rounding's last stage on AVX2 (the AVX-512 one above says what it does): per lane one
 // 8-byte load of q[lo] and q[lo + 1] (Codebook::pairs), its address from the staged count lo (read
-// into a general register). Staged, these loads wait on nothing but est; in one pass with the counts (encode_group)
-// each waited on its gather through a store and a reload, and the steps held so many instructions
-// in flight that too few groups overlapped (AMD Zen 3, one thread, 1M elements, in one process: 3.49
-// -> 2.31 ns per element). `gather` is unused: AVX2 has only the bucket table.
+// into a general register). Staged, these loads wait on nothing but est. In one pass with the counts
+// (encode_group) each waited on its gather through a store and a reload, and the steps held so many
+// instructions in flight that too few groups overlapped (AMD Zen 3, one thread, 1M elements, in one
+// process: 3.49 -> 2.31 ns per element). `gather` is unused: AVX2 has only the bucket table.
 inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* est, const float* xs, int64_t n,
                          uint64_t stream, int64_t first, bool /*gather*/) {
   constexpr int64_t V = fVec::size();
