@@ -235,6 +235,18 @@ def variant_env(**env):
     return dict(kept, **env)
 
 
+def results_by_variant(tmp_path, cases, envs: dict) -> dict:
+    """cases run by the op alone in one subprocess per entry of envs (name: environment)."""
+    torch.save([(c.kind, c.args, c.kwargs) for c in cases], tmp_path / "in.pt")
+    results = {}
+    for name, env in envs.items():
+        out = tmp_path / f"{name}.pt"
+        subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT, str(tmp_path / "in.pt"), str(out)],
+                       check=True, env=variant_env(**env), cwd=tmp_path)
+        results[name] = [Case(kind, args, kwargs) for kind, args, kwargs in torch.load(out, weights_only=False)]
+    return results
+
+
 def test_instruction_sets_give_identical_bits(tmp_path):
     """The AVX512 (with and without byte permutes, finding codes by permutes and by gathers), AVX2
     and scalar builds of the CPU kernels agree bit for bit (those this CPU can run).
@@ -247,16 +259,10 @@ def test_instruction_sets_give_identical_bits(tmp_path):
         for kind in KINDS
         for dtype in DTYPES
     ] + wide_range_cases() + quotient_cases()
-    torch.save([(c.kind, c.args, c.kwargs) for c in cases], tmp_path / "in.pt")
-    results = {}
     caps = runnable_variants()
     if len(caps) < 2:
         pytest.skip("this CPU's flags are unknown or it has no AVX2: nothing to compare")
-    for cap in caps:
-        out = tmp_path / f"{cap}.pt"
-        subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT, str(tmp_path / "in.pt"), str(out)],
-                       check=True, env=variant_env(**KERNEL_VARIANTS[cap]), cwd=tmp_path)
-        results[cap] = [Case(kind, args, kwargs) for kind, args, kwargs in torch.load(out, weights_only=False)]
+    results = results_by_variant(tmp_path, cases, {cap: KERNEL_VARIANTS[cap] for cap in caps})
     for cap in caps[1:]:
         for a, b in zip(results["default"], results[cap]):
             assert_same(a, b)
@@ -468,13 +474,7 @@ def test_instruction_set_the_cpu_lacks_falls_back(tmp_path):
     if "avx512" in runnable_variants():
         pytest.skip("this CPU has AVX-512: nothing to fall back from")
     cases = [make_case([(1000,), (77,)], torch.float32, kind, stochastic=kind == "blockwise") for kind in KINDS]
-    torch.save([(c.kind, c.args, c.kwargs) for c in cases], tmp_path / "in.pt")
-    results = {}
-    for cap in ("default", "avx512"):
-        out = tmp_path / f"{cap}.pt"
-        subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT, str(tmp_path / "in.pt"), str(out)],
-                       check=True, env=variant_env(ATEN_CPU_CAPABILITY=cap), cwd=tmp_path)
-        results[cap] = [Case(kind, args, kwargs) for kind, args, kwargs in torch.load(out, weights_only=False)]
+    results = results_by_variant(tmp_path, cases, {cap: dict(ATEN_CPU_CAPABILITY=cap) for cap in ("default", "avx512")})
     for a, b in zip(results["default"], results["avx512"]):
         assert_same(a, b)
 
