@@ -373,10 +373,37 @@ class MapDecoder {
  public:
   static constexpr int64_t kWidth = 16;
   static constexpr int64_t kDecodeWidth = kWidth;
+  // A code's value and the float bits [lo, hi] of the x in [0, 1] that round to it (Codebook::ranges).
+  struct Range {
+    float value;
+    int32_t lo, hi, pad;
+  };
   explicit MapDecoder(const float* qmap) : qmap_(qmap) {}
+  void set_ranges(const Range* ranges) { ranges_ = ranges; }
   void decode(const uint8_t* codes, fVec* out) const {
     out[0] = values(codes);
     out[1] = values(codes + 8);
+  }
+  // decode, and the codes' ranges into lo[0..16) and hi[0..16): one 16-byte load a lane and a transpose
+  // (11 shuffles for 8 lanes, against the 8 inserts of the values alone).
+  void decode(const uint8_t* codes, fVec* out, int32_t* lo, int32_t* hi) const {
+    for (int n = 0; n < 2; ++n) {
+      const uint8_t* c = codes + 8 * n;
+      const auto row = [this](uint8_t k) { return _mm_load_ps(&ranges_[k].value); };
+      const auto rows = [&row](uint8_t a, uint8_t b) {
+        return _mm256_insertf128_ps(_mm256_castps128_ps256(row(a)), row(b), 1);
+      };
+      const __m256 r04 = rows(c[0], c[4]), r15 = rows(c[1], c[5]), r26 = rows(c[2], c[6]), r37 = rows(c[3], c[7]);
+      const __m256 low01 = _mm256_unpacklo_ps(r04, r15);   // value 0 1, lo 0 1 | value 4 5, lo 4 5
+      const __m256 low23 = _mm256_unpacklo_ps(r26, r37);   // value 2 3, lo 2 3 | value 6 7, lo 6 7
+      const __m256 high01 = _mm256_unpackhi_ps(r04, r15);  // hi 0 1, unused | hi 4 5, unused
+      const __m256 high23 = _mm256_unpackhi_ps(r26, r37);  // hi 2 3, unused | hi 6 7, unused
+      out[n] = _mm256_shuffle_ps(low01, low23, _MM_SHUFFLE(1, 0, 1, 0));
+      const __m256 lo_bits = _mm256_shuffle_ps(low01, low23, _MM_SHUFFLE(3, 2, 3, 2));
+      const __m256 hi_bits = _mm256_shuffle_ps(high01, high23, _MM_SHUFFLE(1, 0, 1, 0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + 8 * n), _mm256_castps_si256(lo_bits));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + 8 * n), _mm256_castps_si256(hi_bits));
+    }
   }
   void lookup(const iVec* index, fVec* out) const {
     out[0] = gather(qmap_, index[0]);
@@ -389,6 +416,7 @@ class MapDecoder {
     return _mm256_setr_ps(q[c[0]], q[c[1]], q[c[2]], q[c[3]], q[c[4]], q[c[5]], q[c[6]], q[c[7]]);
   }
   const float* qmap_;
+  const Range* ranges_ = nullptr;
 };
 #endif
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -735,7 +763,13 @@ struct Codebook {
   // q[i] and q[i + 1] side by side (q[256] is +Inf): stochastic rounding's two neighbours of a count
   // by one 8-byte load (round_staged).
   alignas(64) float pairs[2 * kMapSize];
+  // Nearest rounding: each code's value and the x in [0, 1] that round to it, as float bits [lo, hi]
+  // (none: lo > hi; every map that is not sorted). Read with the code's value when the code is
+  // decoded, they let an encoder keep a code without the bucket table: Adagrad's nearest codes seldom
+  // move once the sums have grown (docs/performance.md).
+  alignas(64) MapDecoder::Range ranges[kMapSize];
 #endif
+  bool has_ranges = false;  // ranges[] holds them (AVX2, nearest rounding)
 #ifdef ADAGRAD8_VECTOR_CODES
   MapDecoder decoder;     // decoding and stochastic rounding's neighbours (AVX-512: the map in registers)
 #endif
@@ -775,6 +809,9 @@ struct Codebook {
     } else {
       buckets.build(mid, kMapSize - 1, /*inclusive=*/false, /*odd_ties_up=*/true);
     }
+#if defined(CPU_CAPABILITY_AVX2)
+    build_ranges(stochastic);
+#endif
 #if defined(CPU_CAPABILITY_AVX512)
     if (stochastic) {
       counter.build([this](float x) { return values_at_most(x, q); }, q + 1);
@@ -786,6 +823,41 @@ struct Codebook {
 
   Codebook(const Codebook&) = delete;  // the AVX2 decoder points into q
   Codebook& operator=(const Codebook&) = delete;
+
+#if defined(CPU_CAPABILITY_AVX2)
+  // ranges[] from nearest(), which on [0, 1] is nondecreasing in x for a sorted map: code c's x run
+  // from the first whose code is c or more to just before the first whose code is c + 1 or more, each
+  // found by a binary search over the float bits of [0, 1] (about 8000 calls of nearest(), 40 us).
+  // A map whose ranges would change within the subnormals keeps none: the check compares bits, and
+  // under denormals-are-zero the float search would read every subnormal x as 0.
+  void build_ranges(bool stochastic) {
+    for (int c = 0; c < kMapSize; ++c) ranges[c] = {q[c], INT32_MAX, INT32_MIN, 0};  // none
+    decoder.set_ranges(ranges);
+    bool sorted = true;
+    for (int i = 0; i + 1 < kMapSize; ++i) sorted = sorted && q[i] <= q[i + 1];
+    if (stochastic || !sorted) return;
+    constexpr uint32_t kOne = Buckets::kOne, kFirstNormal = 0x00800000u;
+    uint32_t first[kMapSize + 1];  // first[c]: the bits of the smallest x with nearest(x) >= c; kOne + 1: none
+    first[0] = 0;
+    first[kMapSize] = kOne + 1;
+    for (int c = 1; c < kMapSize; ++c) {
+      uint32_t lo = first[c - 1], hi = kOne + 1;  // the answer lies in [lo, hi]
+      while (lo < hi) {
+        const uint32_t mid = lo + (hi - lo) / 2;
+        if (nearest(bits_float(mid)) >= c) hi = mid; else lo = mid + 1;
+      }
+      first[c] = lo;
+      if (lo > 0 && lo < kFirstNormal) return;
+    }
+    for (int c = 0; c < kMapSize; ++c) {
+      if (first[c] < first[c + 1]) {
+        ranges[c].lo = static_cast<int32_t>(first[c]);
+        ranges[c].hi = static_cast<int32_t>(first[c + 1] - 1);
+      }
+    }
+    has_ranges = true;
+  }
+#endif
 
   static const float* copy_map(float* dst, const float* qmap) {
     std::memcpy(dst, qmap, kMapSize * sizeof(float));
@@ -865,18 +937,29 @@ constexpr int64_t kRun = 1024;
 // scale lanes, updates them, stores the new accumulator values to out[0...] (WriteParams) and folds
 // them into vmax. Always inlined: GCC made it a call, and every call reloaded the step's constants
 // and the decoder, kept vmax in memory and cleared the upper registers (vzeroupper).
-template <typename T, bool WriteParams>
+// With Ranges (AVX2), the old codes' ranges go to lo[0...] and hi[0...] (MapDecoder::decode).
+template <typename T, bool WriteParams, bool Ranges = false>
 __attribute__((always_inline)) inline void update_chunk(T* param, const T* grad, const uint8_t* codes, float* out,
                                                         int64_t j, const MapDecoder& map, const fVec& scale,
                                                         const StepConfig& c, const Lanes& k, bool read_params,
-                                                        fVec& vmax) {
+                                                        fVec& vmax, int32_t* lo = nullptr, int32_t* hi = nullptr) {
   constexpr int64_t kWidth = MapDecoder::kDecodeWidth;
   static_assert(kWidth % kLane<T> == 0);
   prefetch(grad, j + kPrefetch, kWidth);
   if (read_params) prefetch(param, j + kPrefetch, kWidth);
   prefetch(codes, j + kPrefetch, kWidth);
   fVec sv[kWidth / fVec::size()];
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (Ranges) {
+    map.decode(codes + j, sv, lo, hi);
+  } else {
+    map.decode(codes + j, sv);
+  }
+#else
+  static_assert(!Ranges);
+  (void)lo, (void)hi;
   map.decode(codes + j, sv);
+#endif
   for (int64_t c0 = 0; c0 < kWidth; c0 += kLane<T>) {
     fVec p[kParts<T>], g[kParts<T>];
     if (read_params) load_float(param + j + c0, p);
@@ -904,9 +987,12 @@ inline float lane_max(const fVec& v) {  // the largest lane (lanes are finite)
 // The new accumulator values of the len elements at i0, from codes under old_absmax. With
 // WriteParams they go into s and the parameters are updated; without, s is scratch (the max
 // pass). Returns the largest finite new value (the block scale's candidate, ALGORITHM.md §6).
+//
+// With lo and hi (AVX2, Codebook::has_ranges; else null), also the old codes' ranges into lo[0..len)
+// and hi[0..len) for encode_tile (elements past the last whole decode width get none: lo > hi).
 template <typename T, bool WriteParams>
 float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, float old_absmax, const Codebook& book,
-                  float* s) {
+                  float* s, int32_t* lo = nullptr, int32_t* hi = nullptr) {
   T* param = static_cast<T*>(it.param) + i0;
   const T* grad = static_cast<const T*>(it.grad) + i0;
   const uint8_t* codes = it.codes + i0;
@@ -919,10 +1005,24 @@ float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, flo
   const Lanes k(c, it);
   const fVec scale(old_absmax);
   fVec vmax(0.0f);
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (WriteParams) {  // (the max pass has no use for them)
+    if (lo != nullptr) {
+      for (; j + MapDecoder::kDecodeWidth <= len; j += MapDecoder::kDecodeWidth) {
+        update_chunk<T, WriteParams, true>(param, grad, codes, s + j, j, book.decoder, scale, c, k, read_params, vmax,
+                                           lo + j, hi + j);
+      }
+      std::fill(lo + j, lo + len, INT32_MAX);
+      std::fill(hi + j, hi + len, INT32_MIN);
+    }
+  }
+#endif
   for (; j + MapDecoder::kDecodeWidth <= len; j += MapDecoder::kDecodeWidth) {
     update_chunk<T, WriteParams>(param, grad, codes, s + j, j, book.decoder, scale, c, k, read_params, vmax);
   }
   m = lane_max(vmax);
+#else
+  (void)lo, (void)hi;
 #endif
   for (; j < len; ++j) {
     float p = read_params ? static_cast<float>(param[j]) : 0.0f;
@@ -1175,9 +1275,12 @@ inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* e
 // Codes of the len new accumulator values s of the elements at i0 under new_absmax. Everything
 // the loop reads is copied into locals first: code stores are uint8_t, which may alias anything,
 // and would otherwise make the compiler reload it after every store.
+//
+// lo and hi (nearest rounding on AVX2, else null): the old codes' ranges from update_tile. A vector
+// whose every x lies in its old code's range keeps its codes, unwritten. Returns how many did.
 template <bool Stochastic>
-void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, const Codebook& book, const float* s,
-                 bool gather) {
+int64_t encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, const Codebook& book, const float* s,
+                    bool gather, const int32_t* lo, const int32_t* hi) {
   uint8_t* const codes = it.codes + i0;
   const uint64_t stream = it.stream;
   const auto encode_one = [&book, codes, s, i0, new_absmax, stream](int64_t e) {
@@ -1189,6 +1292,7 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
     }
   };
   int64_t j = 0;
+  int64_t kept = 0;
 #ifdef ADAGRAD8_VECTOR_CODES
   constexpr int64_t V = fVec::size();
   constexpr int64_t W = MapDecoder::kWidth;  // two vectors
@@ -1201,7 +1305,18 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
   const auto uniform = [stream, i0, &iota](int64_t e) {  // the stochastic-rounding numbers of V lanes at e
     return uniform_vec(span_key(stream, i0 + e), i0 + e, iota);
   };
-  const auto encode_vec = [&book, &encode_one, codes](int64_t e, const fVec& x) {  // nearest, V lanes
+  const auto encode_vec = [&book, &encode_one, &kept, codes, lo, hi](int64_t e, const fVec& x) {  // nearest, V lanes
+#if defined(CPU_CAPABILITY_AVX2)
+    if (lo != nullptr) {
+      const iVec b = bits_of(x);  // as signed integers, x in [0, 1] orders as the floats; others lie outside
+      if (!any_lane((iVec::loadu(lo + e) > b) | (b > iVec::loadu(hi + e)))) {
+        ++kept;
+        return;
+      }
+    }
+#else
+    (void)lo, (void)hi;
+#endif
     LaneMask search;
     store_codes(codes + e, book.nearest(x, search));
     if (any_lane(search)) {  // rare: x outside [0, 1] (NaN, Inf) or a crowded bucket
@@ -1314,16 +1429,46 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
   }
 #endif
   for (; j < len; ++j) encode_one(j);
+  return kept;
 }
 
-inline void encode_tile(const Call& call, const Item& it, int64_t i0, int64_t len, float new_absmax,
-                        const Codebook& book, const float* s) {
-  if (call.stochastic) {
-    encode_tile<true>(it, i0, len, new_absmax, book, s, call.gather_codes);
-  } else {
-    encode_tile<false>(it, i0, len, new_absmax, book, s, call.gather_codes);
-  }
+inline int64_t encode_tile(const Call& call, const Item& it, int64_t i0, int64_t len, float new_absmax,
+                           const Codebook& book, const float* s, const int32_t* lo = nullptr,
+                           const int32_t* hi = nullptr) {
+  if (call.stochastic) return encode_tile<true>(it, i0, len, new_absmax, book, s, call.gather_codes, nullptr, nullptr);
+  return encode_tile<false>(it, i0, len, new_absmax, book, s, call.gather_codes, lo, hi);
 }
+
+// The old codes' ranges (Codebook::ranges) of a run of at most kRun elements, from update_tile to
+// encode_tile, and whether the run reads them: every run while they keep codes. After a run that kept
+// fewer than a quarter of its vectors (early in training most codes move), only every 8th run does:
+// where nothing is kept, reading and checking the ranges made steps 4-12% slower than the bucket table
+// alone (docs/performance.md, "The old code's range").
+class RunRanges {
+ public:
+  explicit RunRanges(bool available) : available_(available) {}
+  void start_run() {
+    on_ = available_ && skip_ == 0;
+    if (skip_ > 0) --skip_;
+  }
+  // The ranges of the run's elements from `at` on, or null where the run does not read them.
+  int32_t* lo(int64_t at) { return on_ ? lo_ + at : nullptr; }
+  int32_t* hi(int64_t at) { return on_ ? hi_ + at : nullptr; }
+  void end_run(int64_t kept, int64_t len) {  // kept: the vectors that kept their codes of the run's len elements
+    if (on_ && 4 * kept * fVec::size() < len) skip_ = 7;
+  }
+
+ private:
+  static constexpr int64_t kSize =
+#if defined(CPU_CAPABILITY_AVX2)
+      kRun;
+#else
+      1;  // never read: only AVX2 Codebooks have ranges
+#endif
+  bool available_, on_ = false;
+  int skip_ = 0;
+  alignas(64) int32_t lo_[kSize], hi_[kSize];
+};
 
 #if defined(CPU_CAPABILITY_AVX512)
 // The codes of the MapDecoder::kDecodeWidth values at s under div's scale: nearest rounding through
@@ -1372,10 +1517,12 @@ void write_range(const Call& call, const Item& it, int64_t begin, int64_t end, f
     return;
   }
 #endif
+  RunRanges ranges(book.has_ranges && !call.stochastic);
   for (int64_t i = begin; i < end; i += kRun) {
     const int64_t len = std::min(kRun, end - i);
-    update_tile<T, true>(call, it, i, len, old_absmax, book, buf);
-    encode_tile(call, it, i, len, new_absmax, book, buf);
+    ranges.start_run();
+    update_tile<T, true>(call, it, i, len, old_absmax, book, buf, ranges.lo(0), ranges.hi(0));
+    ranges.end_run(encode_tile(call, it, i, len, new_absmax, book, buf, ranges.lo(0), ranges.hi(0)), len);
   }
 }
 
@@ -1452,18 +1599,23 @@ template <typename T>
 void step_run(const Call& call, const Item& it, int64_t begin, int64_t end, const Codebook& book, float* buf) {
   const int64_t per = (kRun / it.block) * it.block;
   float scales[kRun];
+  RunRanges ranges(book.has_ranges && !call.stochastic);
   for (int64_t r = begin; r < end; r += per) {
     const int64_t r_end = std::min(end, r + per);
+    ranges.start_run();
     int n = 0;
     for (int64_t b = r; b < r_end; b += it.block) {
       scales[n++] = update_tile<T, true>(call, it, b, std::min(r_end, b + it.block) - b, it.absmax[b / it.block], book,
-                                         buf + (b - r));
+                                         buf + (b - r), ranges.lo(b - r), ranges.hi(b - r));
     }
     n = 0;
+    int64_t kept = 0;
     for (int64_t b = r; b < r_end; b += it.block, ++n) {
-      encode_tile(call, it, b, std::min(r_end, b + it.block) - b, scales[n], book, buf + (b - r));
+      kept += encode_tile(call, it, b, std::min(r_end, b + it.block) - b, scales[n], book, buf + (b - r),
+                          ranges.lo(b - r), ranges.hi(b - r));
       it.absmax[b / it.block] = scales[n];
     }
+    ranges.end_run(kept, r_end - r);
   }
 }
 
@@ -1580,7 +1732,8 @@ class DefaultFloatMode {
 };
 
 // The Codebook of a map and rounding mode, kept for the last few asked for: a map rarely changes
-// between steps, and building its tables takes longer (~25 us) than a small step.
+// between steps, and building its tables takes longer (25-75 us; the AVX2 ranges of nearest rounding
+// about 40 of that) than a small step.
 std::shared_ptr<const Codebook> codebook_for(const float* qmap, bool stochastic) {
   struct Kept {
     bool stochastic;
