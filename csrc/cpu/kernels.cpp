@@ -764,9 +764,9 @@ struct Codebook {
   // by one 8-byte load (round_staged).
   alignas(64) float pairs[2 * kMapSize];
   // Nearest rounding: each code's value and the x in [0, 1] that round to it, as float bits [lo, hi]
-  // (none: lo > hi; every map that is not sorted). Read with the code's value when the code is
-  // decoded, they let an encoder keep a code without the bucket table: Adagrad's nearest codes seldom
-  // move once the sums have grown (docs/performance.md).
+  // (none: lo > hi; every code's where build_ranges keeps none). Read with the code's value when the
+  // code is decoded, they let an encoder keep a code without the bucket table: Adagrad's nearest codes
+  // seldom move once the sums have grown (docs/performance.md).
   alignas(64) MapDecoder::Range ranges[kMapSize];
 #endif
   bool has_ranges = false;  // ranges[] holds them (AVX2, nearest rounding)
@@ -1442,8 +1442,8 @@ inline int64_t encode_tile(const Call& call, const Item& it, int64_t i0, int64_t
 // The old codes' ranges (Codebook::ranges) of a run of at most kRun elements, from update_tile to
 // encode_tile, and whether the run reads them: every run while they keep codes. After a run that kept
 // fewer than a quarter of its vectors (early in training most codes move), only every 8th run does:
-// where nothing is kept, reading and checking the ranges made steps 4-12% slower than the bucket table
-// alone (docs/performance.md, "The old code's range").
+// where nothing is kept, reading and checking the ranges in every run made steps 10-30% slower than
+// the bucket table alone, in every 8th 2-4% (docs/performance.md, "The old code's range").
 class RunRanges {
  public:
   explicit RunRanges(bool available) : available_(available) {}
