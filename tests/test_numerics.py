@@ -375,30 +375,35 @@ def float_roots(targets, offset=None):
     return root, found
 
 
-def reach(qmap, t, code_of=None):
-    """For float32 targets t: code c (the largest map value q[c] <= t, or code_of's) and gradient g
-    with fl(q[c] + fl(g * g)) == t where one is found near sqrt(t - q[c]), and whether it was."""
-    base = (torch.searchsorted(qmap, t, right=True) - 1).clamp(min=0) if code_of is None else code_of
-    grad, hit = float_roots(t, qmap[base])
+def reach(qmap, t, code_of=None, old_scale=1.0):
+    """For float32 targets t: code c (the largest whose old value v = fl(q[c] * old_scale) is <= t, or
+    code_of's) and gradient g with fl(v + fl(g * g)) == t where one is found near sqrt(t - v), and
+    whether it was."""
+    values = qmap * old_scale  # the kernel's dequantization, rounded as it rounds
+    base = (torch.searchsorted(values, t, right=True) - 1).clamp(min=0) if code_of is None else code_of
+    grad, hit = float_roots(t, values[base])
     return base.to(torch.uint8), grad, hit
 
 
-def exact_sums_case(qmap, targets, stochastic, above=False):
-    """A block-wise case whose new accumulators over their new scale are exactly the given values in
-    [0, 1], those that reach() can make (returned as well). Old scale 1, so an element with code c and
-    gradient g gets fl(q[c] + fl(g * g)); every block's last element gets exactly the new scale the
-    same way. The old code is the map value at or below the target and the new scale 1; with `above`,
-    the old code is the map value at or above it and the new scale 2 (the sums twice the targets), so
-    that codes whose value lies above their new x are kept or moved as well. Each target is followed
+def exact_sums_case(qmap, targets, stochastic, above=False, scale=1.0):
+    """A block-wise case whose new accumulators are the given values in [0, 1] times the new scale,
+    those that reach() can make (the values are returned as well). Old scale `scale`, so an element
+    with code c and gradient g gets fl(fl(q[c] * scale) + fl(g * g)); every block's last element gets
+    exactly the new scale the same way. The old code is the map value at or below the target and the
+    new scale `scale`; with `above`, the old code is the map value at or above it and the new scale
+    twice `scale`, so that codes whose value lies above their new x are kept or moved as well. With a
+    scale of 1 the new x are the values themselves; with one that is not a power of two, the exact
+    quotients of the sums by the scale fall between floats, at many places in the ulp. Each target is followed
     by 7 elements whose new x is a map value with its own code as the old one, so that every vector
     of 8 holds one target and lanes that keep their code (the AVX2 encoder keeps a vector's codes
     only where all its lanes may)."""
     t = targets.to(torch.float32).clamp(0, 1).unique()
+    new_scale = torch.tensor(scale * (2.0 if above else 1.0))
 
     def reach_all(t):
         if not above:
-            return reach(qmap, t)
-        return reach(qmap, 2 * t, torch.searchsorted(qmap, t).clamp(max=255))
+            return reach(qmap, t * new_scale, old_scale=scale)
+        return reach(qmap, t * new_scale, torch.searchsorted(qmap, t).clamp(max=255), old_scale=scale)
 
     base, grad, hit = reach_all(t)
     one_code, one_grad, one_hit = reach_all(torch.ones(1))
@@ -415,7 +420,8 @@ def exact_sums_case(qmap, targets, stochastic, above=False):
     codes = torch.cat([codes.view(n_blocks, 255), one_code.expand(n_blocks, 1)], 1)
     grads = torch.cat([grads.view(n_blocks, 255), one_grad.expand(n_blocks, 1)], 1)
     n = n_blocks * 256
-    case = Case("blockwise", ([torch.zeros(n)], [grads.reshape(-1)], [codes.reshape(-1)], [torch.ones(n_blocks)],
+    case = Case("blockwise", ([torch.zeros(n)], [grads.reshape(-1)], [codes.reshape(-1)],
+                              [torch.full((n_blocks,), scale)],
                               qmap.contiguous(), [torch.tensor(1.0)]),
                 dict(lr=torch.tensor(0.01), lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False,
                      block_size=256, seeds=[torch.tensor(9)] if stochastic else None))
@@ -450,7 +456,9 @@ def test_every_rounding_edge_matches_reference(stochastic):
     from 2^-34 to 1 and points approaching each from below; for maps smooth, kinked (the dynamic
     maps' decades), crowded to a few floats apart, with equal values, uniform, and steep near 1. Old
     codes at or below the values and at or above them: the AVX2 encoder keeps an old code whose range
-    holds the new x (Codebook::ranges), and both ends of the ranges are here."""
+    holds the new x (Codebook::ranges), decided from the sum and the scale without the division, and
+    both ends of the ranges are here, met exactly (scale 1), by quotients between floats (1.3), and
+    where the sums are subnormal and a difference to an end would round to 0 (1.3 * 2^-110)."""
     edges = torch.tensor([f * 2.0**e for e in range(-34, 0) for f in (1, 1.25, 1.5, 1.75)] + [0.0, 1.0])
     approach = torch.cat([edges * (1 - 2.0**-k) for k in range(3, 17)])  # the tops of buckets, where lines end
     crowded = torch.cat([torch.linspace(0, 1e-3, 128), 0.5 + torch.arange(127) * 1e-7, torch.tensor([1.0])])
@@ -458,9 +466,9 @@ def test_every_rounding_edge_matches_reference(stochastic):
     for qmap in (Q.tapered_map(), Q.unsigned_map(), Q.signed_map(), crowded, equal, torch.linspace(-1, 1, 256),
                  tiny_gap_map(), *near_one_maps()):
         change = qmap[1:] if stochastic else (qmap[:-1] + qmap[1:]) * 0.5
-        for above in (False, True):
+        for above, scale in itertools.product((False, True), (1.0, 1.3, 1.3 * 2.0**-110)):
             targets = torch.cat([around(change), around(edges, 1), approach])
-            case, reached = exact_sums_case(qmap, targets, stochastic, above)
+            case, reached = exact_sums_case(qmap, targets, stochastic, above, scale)
             # nearly every change point and neighbour from the smallest map value above 0 up is reached
             wanted = around(change)
             wanted = wanted[(wanted >= qmap[qmap > 0].min()) & (wanted <= 1)].unique()

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -353,6 +354,7 @@ inline iVec shift_right_logical(const iVec& v, int k) { return _mm256_srli_epi32
 inline iVec shift_right_arith(const iVec& v, int k) { return _mm256_srai_epi32(v, k); }
 using LaneMask = iVec;  // all ones in lanes that need the per-element path
 inline bool any_lane(const iVec& v) { return !_mm256_testz_si256(v, v); }
+inline bool all_lanes(const fVec& m) { return _mm256_movemask_ps(m) == 0xff; }  // m: a compare's result
 inline fVec max_finite_abs(const fVec& m, const fVec& s) {
   const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), s);
   return _mm256_max_ps(m, _mm256_and_ps(a, _mm256_cmp_ps(a, _mm256_set1_ps(FLT_MAX), _CMP_LE_OQ)));
@@ -373,10 +375,9 @@ class MapDecoder {
  public:
   static constexpr int64_t kWidth = 16;
   static constexpr int64_t kDecodeWidth = kWidth;
-  // A code's value and the float bits [lo, hi] of the x in [0, 1] that round to it (Codebook::ranges).
+  // A code's value and the x in [lo, hi] that round to it (Codebook::ranges).
   struct Range {
-    float value;
-    int32_t lo, hi, pad;
+    float value, lo, hi, pad;
   };
   explicit MapDecoder(const float* qmap) : qmap_(qmap) {}
   void set_ranges(const Range* ranges) { ranges_ = ranges; }
@@ -386,7 +387,7 @@ class MapDecoder {
   }
   // decode, and the codes' ranges into lo[0..16) and hi[0..16): one 16-byte load a lane and a transpose
   // (11 shuffles for 8 lanes, against the 8 inserts of the values alone).
-  void decode(const uint8_t* codes, fVec* out, int32_t* lo, int32_t* hi) const {
+  void decode(const uint8_t* codes, fVec* out, float* lo, float* hi) const {
     for (int n = 0; n < 2; ++n) {
       const uint8_t* c = codes + 8 * n;
       const auto row = [this](uint8_t k) { return _mm_load_ps(&ranges_[k].value); };
@@ -399,10 +400,8 @@ class MapDecoder {
       const __m256 high01 = _mm256_unpackhi_ps(r04, r15);  // hi 0 1, unused | hi 4 5, unused
       const __m256 high23 = _mm256_unpackhi_ps(r26, r37);  // hi 2 3, unused | hi 6 7, unused
       out[n] = _mm256_shuffle_ps(low01, low23, _MM_SHUFFLE(1, 0, 1, 0));
-      const __m256 lo_bits = _mm256_shuffle_ps(low01, low23, _MM_SHUFFLE(3, 2, 3, 2));
-      const __m256 hi_bits = _mm256_shuffle_ps(high01, high23, _MM_SHUFFLE(1, 0, 1, 0));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + 8 * n), _mm256_castps_si256(lo_bits));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + 8 * n), _mm256_castps_si256(hi_bits));
+      _mm256_storeu_ps(lo + 8 * n, _mm256_shuffle_ps(low01, low23, _MM_SHUFFLE(3, 2, 3, 2)));
+      _mm256_storeu_ps(hi + 8 * n, _mm256_shuffle_ps(high01, high23, _MM_SHUFFLE(1, 0, 1, 0)));
     }
   }
   void lookup(const iVec* index, fVec* out) const {
@@ -763,10 +762,10 @@ struct Codebook {
   // q[i] and q[i + 1] side by side (q[256] is +Inf): stochastic rounding's two neighbours of a count
   // by one 8-byte load (round_staged).
   alignas(64) float pairs[2 * kMapSize];
-  // Nearest rounding: each code's value and the x in [0, 1] that round to it, as float bits [lo, hi]
-  // (none: lo > hi; every code's where build_ranges keeps none). Read with the code's value when the
-  // code is decoded, they let an encoder keep a code without the bucket table: Adagrad's nearest codes
-  // seldom move once the sums have grown (docs/performance.md).
+  // Nearest rounding: each code's value and the x in [lo, hi] that round to it (none: lo > hi; every
+  // code's where build_ranges keeps none). Read with the code's value when the code is decoded, they
+  // let an encoder keep a code without the bucket table or a division: Adagrad's nearest codes seldom
+  // move once the sums have grown (docs/performance.md).
   alignas(64) MapDecoder::Range ranges[kMapSize];
 #endif
   bool has_ranges = false;  // ranges[] holds them (AVX2, nearest rounding)
@@ -825,34 +824,44 @@ struct Codebook {
   Codebook& operator=(const Codebook&) = delete;
 
 #if defined(CPU_CAPABILITY_AVX2)
-  // ranges[] from nearest(), which on [0, 1] is nondecreasing in x for a sorted map: code c's x run
-  // from the first whose code is c or more to just before the first whose code is c + 1 or more, each
-  // found by a binary search over the float bits of [0, 1] (about 8000 calls of nearest(), 40 us).
-  // A map whose ranges would change within the subnormals keeps none: the check compares bits, and
-  // under denormals-are-zero the float search would read every subnormal x as 0.
+  // ranges[] from nearest(), which is nondecreasing in x for a sorted map: code c's x run from the
+  // first whose code is c or more to just before the first whose code is c + 1 or more, each found by a
+  // binary search over all floats but NaN in order (about 8000 calls of nearest(), 40 us). The lowest
+  // code's range starts at -Inf and the highest's ends at +Inf. A map with an end among the subnormals
+  // keeps none: under denormals-are-zero the encoder's check (encode_tile) reads such an end as 0.
   void build_ranges(bool stochastic) {
-    for (int c = 0; c < kMapSize; ++c) ranges[c] = {q[c], INT32_MAX, INT32_MIN, 0};  // none
+    constexpr float kInf = std::numeric_limits<float>::infinity();
+    for (int c = 0; c < kMapSize; ++c) ranges[c] = {q[c], kInf, -kInf, 0.0f};  // none
     decoder.set_ranges(ranges);
     bool sorted = true;
     for (int i = 0; i + 1 < kMapSize; ++i) sorted = sorted && q[i] <= q[i + 1];
     if (stochastic || !sorted) return;
-    constexpr uint32_t kOne = Buckets::kOne, kFirstNormal = 0x00800000u;
-    uint32_t first[kMapSize + 1];  // first[c]: the bits of the smallest x with nearest(x) >= c; kOne + 1: none
-    first[0] = 0;
-    first[kMapSize] = kOne + 1;
+    // Floats as unsigned keys in the floats' order: -Inf lowest, then ..., -0, +0, ..., +Inf.
+    const auto key = [](float x) {
+      const uint32_t b = float_bits(x);
+      return (b & 0x80000000u) != 0 ? ~b : b | 0x80000000u;
+    };
+    const auto from_key = [](uint32_t k) { return bits_float((k & 0x80000000u) != 0 ? k & 0x7fffffffu : ~k); };
+    const uint32_t last = key(kInf);
+    uint32_t first[kMapSize + 1];  // first[c]: the key of the smallest x with nearest(x) >= c; last + 1: none
+    first[0] = key(-kInf);
+    first[kMapSize] = last + 1;
     for (int c = 1; c < kMapSize; ++c) {
-      uint32_t lo = first[c - 1], hi = kOne + 1;  // the answer lies in [lo, hi]
+      uint32_t lo = first[c - 1], hi = last + 1;  // the answer lies in [lo, hi]
       while (lo < hi) {
         const uint32_t mid = lo + (hi - lo) / 2;
-        if (nearest(bits_float(mid)) >= c) hi = mid; else lo = mid + 1;
+        if (nearest(from_key(mid)) >= c) hi = mid; else lo = mid + 1;
       }
       first[c] = lo;
-      if (lo > 0 && lo < kFirstNormal) return;
+    }
+    const auto subnormal = [](float x) { return x != 0.0f && std::fabs(x) < FLT_MIN; };
+    for (int c = 0; c < kMapSize; ++c) {
+      if (first[c] < first[c + 1] && (subnormal(from_key(first[c])) || subnormal(from_key(first[c + 1] - 1)))) return;
     }
     for (int c = 0; c < kMapSize; ++c) {
       if (first[c] < first[c + 1]) {
-        ranges[c].lo = static_cast<int32_t>(first[c]);
-        ranges[c].hi = static_cast<int32_t>(first[c + 1] - 1);
+        ranges[c].lo = from_key(first[c]);
+        ranges[c].hi = from_key(first[c + 1] - 1);
       }
     }
     has_ranges = true;
@@ -942,7 +951,7 @@ template <typename T, bool WriteParams, bool Ranges = false>
 __attribute__((always_inline)) inline void update_chunk(T* param, const T* grad, const uint8_t* codes, float* out,
                                                         int64_t j, const MapDecoder& map, const fVec& scale,
                                                         const StepConfig& c, const Lanes& k, bool read_params,
-                                                        fVec& vmax, int32_t* lo = nullptr, int32_t* hi = nullptr) {
+                                                        fVec& vmax, float* lo = nullptr, float* hi = nullptr) {
   constexpr int64_t kWidth = MapDecoder::kDecodeWidth;
   static_assert(kWidth % kLane<T> == 0);
   prefetch(grad, j + kPrefetch, kWidth);
@@ -992,7 +1001,7 @@ inline float lane_max(const fVec& v) {  // the largest lane (lanes are finite)
 // and hi[0..len) for encode_tile (elements past the last whole decode width get none: lo > hi).
 template <typename T, bool WriteParams>
 float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, float old_absmax, const Codebook& book,
-                  float* s, int32_t* lo = nullptr, int32_t* hi = nullptr) {
+                  float* s, float* lo = nullptr, float* hi = nullptr) {
   T* param = static_cast<T*>(it.param) + i0;
   const T* grad = static_cast<const T*>(it.grad) + i0;
   const uint8_t* codes = it.codes + i0;
@@ -1012,8 +1021,8 @@ float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, flo
         update_chunk<T, WriteParams, true>(param, grad, codes, s + j, j, book.decoder, scale, c, k, read_params, vmax,
                                            lo + j, hi + j);
       }
-      std::fill(lo + j, lo + len, INT32_MAX);
-      std::fill(hi + j, hi + len, INT32_MIN);
+      std::fill(lo + j, lo + len, std::numeric_limits<float>::infinity());
+      std::fill(hi + j, hi + len, -std::numeric_limits<float>::infinity());
     }
   }
 #endif
@@ -1280,7 +1289,7 @@ inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* e
 // whose every x lies in its old code's range keeps its codes, unwritten. Returns how many did.
 template <bool Stochastic>
 int64_t encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, const Codebook& book, const float* s,
-                    bool gather, const int32_t* lo, const int32_t* hi) {
+                    bool gather, const float* lo, const float* hi) {
   uint8_t* const codes = it.codes + i0;
   const uint64_t stream = it.stream;
   const auto encode_one = [&book, codes, s, i0, new_absmax, stream](int64_t e) {
@@ -1305,11 +1314,18 @@ int64_t encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, c
   const auto uniform = [stream, i0, &iota](int64_t e) {  // the stochastic-rounding numbers of V lanes at e
     return uniform_vec(span_key(stream, i0 + e), i0 + e, iota);
   };
-  const auto encode_vec = [&book, &encode_one, &kept, codes, lo, hi](int64_t e, const fVec& x) {  // nearest, V lanes
+  // Nearest rounding of the V values s at e. A vector whose every s / new_absmax lies in its old code's
+  // range keeps its codes, and that is decided without the division: lo * absmax < s < hi * absmax,
+  // in exact arithmetic, each side the sign of one fused multiply-add (its single rounding keeps the
+  // sign, and takes the difference to 0 at worst, which fails the strict compare). The quotient then
+  // rounds into [lo, hi] too. An exact tie with an end (or NaN, or a scale of 0) takes the division.
+  const auto encode_vec = [&book, &encode_one, &kept, &div, codes, lo, hi](int64_t e, const fVec& s) {
 #if defined(CPU_CAPABILITY_AVX2)
     if (lo != nullptr) {
-      const iVec b = bits_of(x);  // as signed integers, x in [0, 1] orders as the floats; others lie outside
-      if (!any_lane((iVec::loadu(lo + e) > b) | (b > iVec::loadu(hi + e)))) {
+      const fVec a(div.absmax()), zero(0.0f);
+      const fVec above_lo = at::vec::fnmadd(fVec::loadu(lo + e), a, s);  // s - lo * absmax
+      const fVec below_hi = at::vec::fmsub(fVec::loadu(hi + e), a, s);   // hi * absmax - s
+      if (all_lanes((above_lo > zero) & (below_hi > zero))) {
         ++kept;
         return;
       }
@@ -1317,6 +1333,7 @@ int64_t encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, c
 #else
     (void)lo, (void)hi;
 #endif
+    const fVec x = div(s);
     LaneMask search;
     store_codes(codes + e, book.nearest(x, search));
     if (any_lane(search)) {  // rare: x outside [0, 1] (NaN, Inf) or a crowded bucket
@@ -1343,8 +1360,8 @@ int64_t encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, c
         }
       }
     } else {
-      encode_vec(e, load(e));
-      encode_vec(e + V, load(e + V));
+      encode_vec(e, fVec::loadu(s + e));
+      encode_vec(e + V, fVec::loadu(s + e + V));
     }
   };
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -1425,7 +1442,7 @@ int64_t encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, c
 #endif
   for (; j + W <= len; j += W) encode_group(j);
   if constexpr (!Stochastic) {
-    for (; j + V <= len; j += V) encode_vec(j, load(j));
+    for (; j + V <= len; j += V) encode_vec(j, fVec::loadu(s + j));
   }
 #endif
   for (; j < len; ++j) encode_one(j);
@@ -1433,8 +1450,8 @@ int64_t encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, c
 }
 
 inline int64_t encode_tile(const Call& call, const Item& it, int64_t i0, int64_t len, float new_absmax,
-                           const Codebook& book, const float* s, const int32_t* lo = nullptr,
-                           const int32_t* hi = nullptr) {
+                           const Codebook& book, const float* s, const float* lo = nullptr,
+                           const float* hi = nullptr) {
   if (call.stochastic) return encode_tile<true>(it, i0, len, new_absmax, book, s, call.gather_codes, nullptr, nullptr);
   return encode_tile<false>(it, i0, len, new_absmax, book, s, call.gather_codes, lo, hi);
 }
@@ -1452,8 +1469,8 @@ class RunRanges {
     if (skip_ > 0) --skip_;
   }
   // The ranges of the run's elements from `at` on, or null where the run does not read them.
-  int32_t* lo(int64_t at) { return on_ ? lo_ + at : nullptr; }
-  int32_t* hi(int64_t at) { return on_ ? hi_ + at : nullptr; }
+  float* lo(int64_t at) { return on_ ? lo_ + at : nullptr; }
+  float* hi(int64_t at) { return on_ ? hi_ + at : nullptr; }
   void end_run(int64_t kept, int64_t len) {  // kept: the vectors that kept their codes of the run's len elements
     if (on_ && 4 * kept * fVec::size() < len) skip_ = 7;
   }
@@ -1467,7 +1484,7 @@ class RunRanges {
 #endif
   bool available_, on_ = false;
   int skip_ = 0;
-  alignas(64) int32_t lo_[kSize], hi_[kSize];
+  alignas(64) float lo_[kSize], hi_[kSize];
 };
 
 #if defined(CPU_CAPABILITY_AVX512)
