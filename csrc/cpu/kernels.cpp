@@ -103,29 +103,35 @@ struct Lanes {
       : weight_decay(c.weight_decay), eps(c.eps), clr(it.clr), gnorm_scale(it.gnorm_scale), decayed(c.weight_decay != 0.0f) {}
 };
 
+// Plain: the caller has checked that the step has none of maximize, weight decay and skip_zeros (the
+// defaults), so that a loop over these carries no tests of them (update_tile).
+//
 // update.h's effective_grad on a vector (p is read only with weight decay). The multiply by a scale
 // of 1 stays: with flush-to-zero but not denormals-are-zero set, it turns a subnormal gradient into
 // 0 (a review's counterexample: skipped, the vector lanes and update_one's disagreed).
+template <bool Plain = false>
 inline fVec grad_vec(const fVec& p, const fVec& raw, const StepConfig& c, const Lanes& k) {
   fVec g = raw * k.gnorm_scale;
-  if (c.maximize) g = g.neg();
-  if (k.decayed) g = g + k.weight_decay * p;
+  if (!Plain && c.maximize) g = g.neg();
+  if (!Plain && k.decayed) g = g + k.weight_decay * p;
   return g;
 }
 
 // update.h's accumulate and skipped: the new accumulator only.
+template <bool Plain = false>
 inline void accumulate_vec(const fVec& p, const fVec& raw, fVec& s, const StepConfig& c, const Lanes& k) {
-  const fVec g = grad_vec(p, raw, c, k);
+  const fVec g = grad_vec<Plain>(p, raw, c, k);
   const fVec s_new = s + g * g;
-  s = c.skip_zeros ? fVec::blendv(s_new, s, raw == k.zero) : s_new;
+  s = !Plain && c.skip_zeros ? fVec::blendv(s_new, s, raw == k.zero) : s_new;
 }
 
 // update.h's effective_grad / accumulate / updated_param / skipped: accumulator and parameter.
+template <bool Plain = false>
 inline void update_vec(fVec& p, const fVec& raw, fVec& s, const StepConfig& c, const Lanes& k) {
-  const fVec g = grad_vec(p, raw, c, k);
+  const fVec g = grad_vec<Plain>(p, raw, c, k);
   const fVec s_new = s + g * g;
   const fVec p_new = p - (k.clr * g) / (s_new.sqrt() + k.eps);
-  if (c.skip_zeros) {
+  if (!Plain && c.skip_zeros) {
     const fVec keep = raw == k.zero;
     p = fVec::blendv(p_new, p, keep);
     s = fVec::blendv(s_new, s, keep);
@@ -946,8 +952,9 @@ constexpr int64_t kRun = 1024;
 // scale lanes, updates them, stores the new accumulator values to out[0...] (WriteParams) and folds
 // them into vmax. Always inlined: GCC made it a call, and every call reloaded the step's constants
 // and the decoder, kept vmax in memory and cleared the upper registers (vzeroupper).
-// With Ranges (AVX2), the old codes' ranges go to lo[0...] and hi[0...] (MapDecoder::decode).
-template <typename T, bool WriteParams, bool Ranges = false>
+// With Ranges (AVX2), the old codes' ranges go to lo[0...] and hi[0...] (MapDecoder::decode). Plain:
+// update_vec's.
+template <typename T, bool WriteParams, bool Ranges = false, bool Plain = false>
 __attribute__((always_inline)) inline void update_chunk(T* param, const T* grad, const uint8_t* codes, float* out,
                                                         int64_t j, const MapDecoder& map, const fVec& scale,
                                                         const StepConfig& c, const Lanes& k, bool read_params,
@@ -977,10 +984,10 @@ __attribute__((always_inline)) inline void update_chunk(T* param, const T* grad,
       fVec& sq = sv[c0 / fVec::size() + q];
       sq = sq * scale;
       if constexpr (WriteParams) {
-        update_vec(p[q], g[q], sq, c, k);
+        update_vec<Plain>(p[q], g[q], sq, c, k);
         sq.store(out + c0 + q * fVec::size());
       } else {  // the max pass keeps nothing but the max
-        accumulate_vec(p[q], g[q], sq, c, k);
+        accumulate_vec<Plain>(p[q], g[q], sq, c, k);
       }
       vmax = max_finite_abs(vmax, sq);
     }
@@ -1014,20 +1021,32 @@ float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, flo
   const Lanes k(c, it);
   const fVec scale(old_absmax);
   fVec vmax(0.0f);
+  // A local copy: the vector stores (which may alias anything) would otherwise make every chunk
+  // reload the decoder's pointers.
+  const MapDecoder map = book.decoder;
+  const auto chunks = [&](auto plain) {
+    constexpr bool kPlain = decltype(plain)::value;
+    constexpr int64_t kWidth = MapDecoder::kDecodeWidth;
 #if defined(CPU_CAPABILITY_AVX2)
-  if constexpr (WriteParams) {  // (the max pass has no use for them)
-    if (lo != nullptr) {
-      for (; j + MapDecoder::kDecodeWidth <= len; j += MapDecoder::kDecodeWidth) {
-        update_chunk<T, WriteParams, true>(param, grad, codes, s + j, j, book.decoder, scale, c, k, read_params, vmax,
-                                           lo + j, hi + j);
+    if constexpr (WriteParams) {  // (the max pass has no use for them)
+      if (lo != nullptr) {
+        for (; j + kWidth <= len; j += kWidth) {
+          update_chunk<T, WriteParams, true, kPlain>(param, grad, codes, s + j, j, map, scale, c, k, read_params, vmax,
+                                                     lo + j, hi + j);
+        }
+        std::fill(lo + j, lo + len, std::numeric_limits<float>::infinity());
+        std::fill(hi + j, hi + len, -std::numeric_limits<float>::infinity());
       }
-      std::fill(lo + j, lo + len, std::numeric_limits<float>::infinity());
-      std::fill(hi + j, hi + len, -std::numeric_limits<float>::infinity());
     }
-  }
 #endif
-  for (; j + MapDecoder::kDecodeWidth <= len; j += MapDecoder::kDecodeWidth) {
-    update_chunk<T, WriteParams>(param, grad, codes, s + j, j, book.decoder, scale, c, k, read_params, vmax);
+    for (; j + kWidth <= len; j += kWidth) {
+      update_chunk<T, WriteParams, false, kPlain>(param, grad, codes, s + j, j, map, scale, c, k, read_params, vmax);
+    }
+  };
+  if (!c.maximize && !k.decayed && !c.skip_zeros) {
+    chunks(std::true_type{});
+  } else {
+    chunks(std::false_type{});
   }
   m = lane_max(vmax);
 #else
