@@ -93,6 +93,42 @@ def test_steps_that_keep_their_codes_stay_identical(kind, block_size, signed):
     assert kept > 0.99, kept
 
 
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("block_size", [256, 100])
+def test_block_whose_largest_element_changes(block_size, signed):
+    """The AVX2 step decides which codes a block keeps under the scale it predicts: the new value of
+    the block's elements whose old code has the map's largest magnitude (x = 1, or -1 as well on a
+    signed map), since the largest element before the step has one (predicted_scale). Where another
+    element becomes the largest, or the block has no such code, the prediction is wrong, and every
+    code must be encoded again under the actual scale: blocks with small gradients (most codes stay
+    under the predicted scale), one where an element of a lower code overtakes, one without a top
+    code, and one whose top element grows far."""
+    qmap = Q.signed_map() if signed else Q.tapered_map()
+    gen = torch.Generator().manual_seed(11)
+    n_blocks, b = 4, block_size
+    n = n_blocks * b
+    codes = torch.randint(150, 240, (n,), generator=gen, dtype=torch.uint8)
+    grads = torch.randn(n, generator=gen) * 1e-3
+    top = [255, 0] if signed else [255]
+    for k in range(n_blocks):
+        if k != 2:  # block 2 has no top code
+            for m, c in enumerate(top):
+                codes[k * b + 7 + 40 * m] = c
+    grads[1 * b + b // 2] = 0.8                   # block 1: a lower code's element overtakes
+    codes[1 * b + b // 2] = 240
+    grads[3 * b + 7] = 2.0                        # block 3: the top element grows far
+    case = Case("blockwise", ([torch.zeros(n)], [grads], [codes], [torch.ones(n_blocks)], qmap.contiguous(),
+                              [torch.tensor(3.0)]),
+                dict(lr=torch.tensor(0.01), lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False,
+                     block_size=b, seeds=None))
+    native = check_against_reference(case)
+    # the cases meant: block 0's scale stays near 1, blocks 1 and 3 grow, and codes moved there
+    scales = native.args[3][0]
+    assert scales[0] < 1.01 and scales[1] > 1.1 and scales[3] > 4
+    moved = native.args[2][0] != codes
+    assert moved[b:2 * b].float().mean() > 0.5 and moved[:b].float().mean() < 0.1
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("kind", KINDS)
 def test_non_finite_gradient_stays_in_its_element(kind, bad):
@@ -533,7 +569,7 @@ def test_instruction_set_the_cpu_lacks_falls_back(tmp_path):
 # The tests of the code lookups' edges (map values, midpoints, bucket edges, non-finite values,
 # maps changed between calls), which this process runs under the kernels the machine picks.
 LOOKUP_TESTS = ["test_map_changes_between_calls", "test_every_rounding_edge_matches_reference",
-                "test_steps_that_keep_their_codes_stay_identical",
+                "test_steps_that_keep_their_codes_stay_identical", "test_block_whose_largest_element_changes",
                 "test_any_sorted_map_matches_reference", "test_lookup_edge_lanes_match_reference",
                 "test_exact_midpoints_and_map_values_in_the_kernel", "test_non_finite_gradient_stays_in_its_element",
                 "test_stochastic_fraction_equal_to_u_matches_reference",

@@ -391,9 +391,9 @@ class MapDecoder {
     out[0] = values(codes);
     out[1] = values(codes + 8);
   }
-  // decode, and the codes' ranges into lo[0..16) and hi[0..16): one 16-byte load a lane and a transpose
+  // decode, and the codes' ranges into lo[0..2) and hi[0..2): one 16-byte load a lane and a transpose
   // (11 shuffles for 8 lanes, against the 8 inserts of the values alone).
-  void decode(const uint8_t* codes, fVec* out, float* lo, float* hi) const {
+  void decode(const uint8_t* codes, fVec* out, fVec* lo, fVec* hi) const {
     for (int n = 0; n < 2; ++n) {
       const uint8_t* c = codes + 8 * n;
       const auto row = [this](uint8_t k) { return _mm_load_ps(&ranges_[k].value); };
@@ -406,8 +406,8 @@ class MapDecoder {
       const __m256 high01 = _mm256_unpackhi_ps(r04, r15);  // hi 0 1, unused | hi 4 5, unused
       const __m256 high23 = _mm256_unpackhi_ps(r26, r37);  // hi 2 3, unused | hi 6 7, unused
       out[n] = _mm256_shuffle_ps(low01, low23, _MM_SHUFFLE(1, 0, 1, 0));
-      _mm256_storeu_ps(lo + 8 * n, _mm256_shuffle_ps(low01, low23, _MM_SHUFFLE(3, 2, 3, 2)));
-      _mm256_storeu_ps(hi + 8 * n, _mm256_shuffle_ps(high01, high23, _MM_SHUFFLE(1, 0, 1, 0)));
+      lo[n] = _mm256_shuffle_ps(low01, low23, _MM_SHUFFLE(3, 2, 3, 2));
+      hi[n] = _mm256_shuffle_ps(high01, high23, _MM_SHUFFLE(1, 0, 1, 0));
     }
   }
   void lookup(const iVec* index, fVec* out) const {
@@ -775,6 +775,9 @@ struct Codebook {
   alignas(64) MapDecoder::Range ranges[kMapSize];
 #endif
   bool has_ranges = false;  // ranges[] holds them (AVX2, nearest rounding)
+  // With ranges: the codes whose value has the map's largest magnitude (0 and 255 for a map from -1
+  // to 1, else the one twice); the largest element of a block, x = 1 or -1, has one (predicted_scale).
+  uint8_t top_codes[2] = {255, 255};
 #ifdef ADAGRAD8_VECTOR_CODES
   MapDecoder decoder;     // decoding and stochastic rounding's neighbours (AVX-512: the map in registers)
 #endif
@@ -870,6 +873,9 @@ struct Codebook {
         ranges[c].hi = from_key(first[c + 1] - 1);
       }
     }
+    const float top = std::max(std::fabs(q[0]), std::fabs(q[kMapSize - 1]));  // (sorted)
+    top_codes[0] = std::fabs(q[kMapSize - 1]) == top ? kMapSize - 1 : 0;
+    top_codes[1] = std::fabs(q[0]) == top ? 0 : top_codes[0];
     has_ranges = true;
   }
 #endif
@@ -951,41 +957,52 @@ constexpr int64_t kRun = 1024;
 // update_tile's work on the MapDecoder::kDecodeWidth elements at j: decodes their codes under the
 // scale lanes, updates them, stores the new accumulator values to out[0...] (WriteParams) and folds
 // them into vmax. Always inlined: GCC made it a call, and every call reloaded the step's constants
-// and the decoder, kept vmax in memory and cleared the upper registers (vzeroupper).
-// With Ranges (AVX2), the old codes' ranges go to lo[0...] and hi[0...] (MapDecoder::decode). Plain:
-// update_vec's.
-template <typename T, bool WriteParams, bool Ranges = false, bool Plain = false>
+// and the decoder, kept vmax in memory and cleared the upper registers (vzeroupper). Plain:
+// update_vec's. A sink (AVX2, WriteParams; RangeSink) is handed each stored vector of new values with
+// the old codes' ranges: sink(n, s, lo, hi) for the vector at out + n * fVec::size().
+template <typename T, bool WriteParams, bool Plain = false, typename Sink = std::nullptr_t>
 __attribute__((always_inline)) inline void update_chunk(T* param, const T* grad, const uint8_t* codes, float* out,
                                                         int64_t j, const MapDecoder& map, const fVec& scale,
                                                         const StepConfig& c, const Lanes& k, bool read_params,
-                                                        fVec& vmax, float* lo = nullptr, float* hi = nullptr) {
+                                                        fVec& vmax, Sink&& sink = nullptr) {
   constexpr int64_t kWidth = MapDecoder::kDecodeWidth;
+  constexpr bool kRanges = !std::is_same_v<std::decay_t<Sink>, std::nullptr_t>;
   static_assert(kWidth % kLane<T> == 0);
+  static_assert(WriteParams || !kRanges);
   prefetch(grad, j + kPrefetch, kWidth);
   if (read_params) prefetch(param, j + kPrefetch, kWidth);
   prefetch(codes, j + kPrefetch, kWidth);
   fVec sv[kWidth / fVec::size()];
 #if defined(CPU_CAPABILITY_AVX2)
-  if constexpr (Ranges) {
+  fVec lo[kWidth / fVec::size()], hi[kWidth / fVec::size()];
+  if constexpr (kRanges) {
     map.decode(codes + j, sv, lo, hi);
   } else {
     map.decode(codes + j, sv);
   }
 #else
-  static_assert(!Ranges);
-  (void)lo, (void)hi;
+  static_assert(!kRanges);
   map.decode(codes + j, sv);
 #endif
+  // (Unrolled: with a sink, GCC kept the loop and the ranges on the stack.)
+#pragma GCC unroll 2
   for (int64_t c0 = 0; c0 < kWidth; c0 += kLane<T>) {
     fVec p[kParts<T>], g[kParts<T>];
     if (read_params) load_float(param + j + c0, p);
     load_float(grad + j + c0, g);
+#pragma GCC unroll 2
     for (int q = 0; q < kParts<T>; ++q) {
       fVec& sq = sv[c0 / fVec::size() + q];
       sq = sq * scale;
       if constexpr (WriteParams) {
         update_vec<Plain>(p[q], g[q], sq, c, k);
         sq.store(out + c0 + q * fVec::size());
+#if defined(CPU_CAPABILITY_AVX2)
+        if constexpr (kRanges) {
+          const int n = static_cast<int>(c0 / fVec::size()) + q;
+          sink(n, sq, lo[n], hi[n]);
+        }
+#endif
       } else {  // the max pass keeps nothing but the max
         accumulate_vec<Plain>(p[q], g[q], sq, c, k);
       }
@@ -1004,11 +1021,12 @@ inline float lane_max(const fVec& v) {  // the largest lane (lanes are finite)
 // WriteParams they go into s and the parameters are updated; without, s is scratch (the max
 // pass). Returns the largest finite new value (the block scale's candidate, ALGORITHM.md §6).
 //
-// With lo and hi (AVX2, Codebook::has_ranges; else null), also the old codes' ranges into lo[0..len)
-// and hi[0..len) for encode_tile (elements past the last whole decode width get none: lo > hi).
-template <typename T, bool WriteParams>
+// With a sink (AVX2, Codebook::has_ranges; KeepCodes), each vector of new values s + e of the
+// elements up to the last whole MapDecoder::kDecodeWidth goes to sink(e, s, lo, hi) with the old
+// codes' ranges, once stored.
+template <typename T, bool WriteParams, typename Sink = std::nullptr_t>
 float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, float old_absmax, const Codebook& book,
-                  float* s, float* lo = nullptr, float* hi = nullptr) {
+                  float* s, Sink&& sink = nullptr) {
   T* param = static_cast<T*>(it.param) + i0;
   const T* grad = static_cast<const T*>(it.grad) + i0;
   const uint8_t* codes = it.codes + i0;
@@ -1027,20 +1045,15 @@ float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, flo
   const auto chunks = [&](auto plain) {
     constexpr bool kPlain = decltype(plain)::value;
     constexpr int64_t kWidth = MapDecoder::kDecodeWidth;
-#if defined(CPU_CAPABILITY_AVX2)
-    if constexpr (WriteParams) {  // (the max pass has no use for them)
-      if (lo != nullptr) {
-        for (; j + kWidth <= len; j += kWidth) {
-          update_chunk<T, WriteParams, true, kPlain>(param, grad, codes, s + j, j, map, scale, c, k, read_params, vmax,
-                                                     lo + j, hi + j);
-        }
-        std::fill(lo + j, lo + len, std::numeric_limits<float>::infinity());
-        std::fill(hi + j, hi + len, -std::numeric_limits<float>::infinity());
-      }
-    }
-#endif
     for (; j + kWidth <= len; j += kWidth) {
-      update_chunk<T, WriteParams, false, kPlain>(param, grad, codes, s + j, j, map, scale, c, k, read_params, vmax);
+      if constexpr (std::is_same_v<std::decay_t<Sink>, std::nullptr_t>) {
+        update_chunk<T, WriteParams, kPlain>(param, grad, codes, s + j, j, map, scale, c, k, read_params, vmax);
+      } else {
+        update_chunk<T, WriteParams, kPlain>(param, grad, codes, s + j, j, map, scale, c, k, read_params, vmax,
+                                             [&sink, j](int n, const fVec& sq, const fVec& lo, const fVec& hi) {
+                                               sink(j + n * fVec::size(), sq, lo, hi);
+                                             });
+      }
     }
   };
   if (!c.maximize && !k.decayed && !c.skip_zeros) {
@@ -1050,7 +1063,7 @@ float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, flo
   }
   m = lane_max(vmax);
 #else
-  (void)lo, (void)hi;
+  static_assert(std::is_same_v<std::decay_t<Sink>, std::nullptr_t>);
 #endif
   for (; j < len; ++j) {
     float p = read_params ? static_cast<float>(param[j]) : 0.0f;
@@ -1115,6 +1128,29 @@ class Quotient {
   __m512i tiny_bits_;
 #endif
 };
+
+// Nearest rounding of the fVec::size() new values at s into codes, through the bucket table.
+inline void encode_nearest_vec(const Codebook& book, uint8_t* codes, const float* s, const Quotient& div) {
+  LaneMask search;
+  store_codes(codes, book.nearest(div(fVec::loadu(s)), search));
+  if (any_lane(search)) {  // rare: x outside [0, 1] (NaN, Inf) or a crowded bucket
+    for (int64_t k = 0; k < fVec::size(); ++k) codes[k] = book.nearest(normalize(s[k], div.absmax()));
+  }
+}
+#endif
+
+#if defined(CPU_CAPABILITY_AVX2)
+// Whether every lane's s / scale lies in its [lo, hi] (a code's range), decided without the
+// division: lo * scale < s < hi * scale in exact arithmetic, each side the sign of one fused
+// multiply-add (its single rounding keeps the sign, and takes the difference to 0 at worst, which
+// fails the strict compare). The quotient then rounds into [lo, hi] too. An exact tie with an end
+// (or NaN, or a scale of 0) answers no.
+inline bool all_in_ranges(const fVec& s, const fVec& lo, const fVec& hi, const fVec& scale) {
+  const fVec zero(0.0f);
+  const fVec above_lo = at::vec::fnmadd(lo, scale, s);  // s - lo * scale
+  const fVec below_hi = at::vec::fmsub(hi, scale, s);   // hi * scale - s
+  return all_lanes((above_lo > zero) & (below_hi > zero));
+}
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -1303,12 +1339,9 @@ inline void round_staged(const Codebook& book, uint8_t* codes, const uint16_t* e
 // Codes of the len new accumulator values s of the elements at i0 under new_absmax. Everything
 // the loop reads is copied into locals first: code stores are uint8_t, which may alias anything,
 // and would otherwise make the compiler reload it after every store.
-//
-// lo and hi (nearest rounding on AVX2, else null): the old codes' ranges from update_tile. A vector
-// whose every x lies in its old code's range keeps its codes, unwritten. Returns how many did.
 template <bool Stochastic>
-int64_t encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, const Codebook& book, const float* s,
-                    bool gather, const float* lo, const float* hi) {
+void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, const Codebook& book, const float* s,
+                 bool gather) {
   uint8_t* const codes = it.codes + i0;
   const uint64_t stream = it.stream;
   const auto encode_one = [&book, codes, s, i0, new_absmax, stream](int64_t e) {
@@ -1320,7 +1353,6 @@ int64_t encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, c
     }
   };
   int64_t j = 0;
-  int64_t kept = 0;
 #ifdef ADAGRAD8_VECTOR_CODES
   constexpr int64_t V = fVec::size();
   constexpr int64_t W = MapDecoder::kWidth;  // two vectors
@@ -1333,32 +1365,7 @@ int64_t encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, c
   const auto uniform = [stream, i0, &iota](int64_t e) {  // the stochastic-rounding numbers of V lanes at e
     return uniform_vec(span_key(stream, i0 + e), i0 + e, iota);
   };
-  // Nearest rounding of the V values s at e. A vector whose every s / new_absmax lies in its old code's
-  // range keeps its codes, and that is decided without the division: lo * absmax < s < hi * absmax,
-  // in exact arithmetic, each side the sign of one fused multiply-add (its single rounding keeps the
-  // sign, and takes the difference to 0 at worst, which fails the strict compare). The quotient then
-  // rounds into [lo, hi] too. An exact tie with an end (or NaN, or a scale of 0) takes the division.
-  const auto encode_vec = [&book, &encode_one, &kept, &div, codes, lo, hi](int64_t e, const fVec& s) {
-#if defined(CPU_CAPABILITY_AVX2)
-    if (lo != nullptr) {
-      const fVec a(div.absmax()), zero(0.0f);
-      const fVec above_lo = at::vec::fnmadd(fVec::loadu(lo + e), a, s);  // s - lo * absmax
-      const fVec below_hi = at::vec::fmsub(fVec::loadu(hi + e), a, s);   // hi * absmax - s
-      if (all_lanes((above_lo > zero) & (below_hi > zero))) {
-        ++kept;
-        return;
-      }
-    }
-#else
-    (void)lo, (void)hi;
-#endif
-    const fVec x = div(s);
-    LaneMask search;
-    store_codes(codes + e, book.nearest(x, search));
-    if (any_lane(search)) {  // rare: x outside [0, 1] (NaN, Inf) or a crowded bucket
-      for (int64_t k = 0; k < V; ++k) encode_one(e + k);
-    }
-  };
+  const auto encode_vec = [&book, &div, codes, s](int64_t e) { encode_nearest_vec(book, codes + e, s + e, div); };
   // The codes of the W values at e through the bucket table: nearest rounding on AVX2 and, on AVX-512,
   // with gathers; and the groups that the staged loop below leaves (lanes outside [0, 1] or in a
   // bucket that needs the search, stretches that straddle two spans) and the tail.
@@ -1379,8 +1386,8 @@ int64_t encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, c
         }
       }
     } else {
-      encode_vec(e, fVec::loadu(s + e));
-      encode_vec(e + V, fVec::loadu(s + e + V));
+      encode_vec(e);
+      encode_vec(e + V);
     }
   };
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -1461,50 +1468,78 @@ int64_t encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, c
 #endif
   for (; j + W <= len; j += W) encode_group(j);
   if constexpr (!Stochastic) {
-    for (; j + V <= len; j += V) encode_vec(j, fVec::loadu(s + j));
+    for (; j + V <= len; j += V) encode_vec(j);
   }
 #endif
   for (; j < len; ++j) encode_one(j);
-  return kept;
 }
 
-inline int64_t encode_tile(const Call& call, const Item& it, int64_t i0, int64_t len, float new_absmax,
-                           const Codebook& book, const float* s, const float* lo = nullptr,
-                           const float* hi = nullptr) {
-  if (call.stochastic) return encode_tile<true>(it, i0, len, new_absmax, book, s, call.gather_codes, nullptr, nullptr);
-  return encode_tile<false>(it, i0, len, new_absmax, book, s, call.gather_codes, lo, hi);
+inline void encode_tile(const Call& call, const Item& it, int64_t i0, int64_t len, float new_absmax,
+                        const Codebook& book, const float* s) {
+  if (call.stochastic) {
+    encode_tile<true>(it, i0, len, new_absmax, book, s, call.gather_codes);
+  } else {
+    encode_tile<false>(it, i0, len, new_absmax, book, s, call.gather_codes);
+  }
 }
 
-// The old codes' ranges (Codebook::ranges) of a run of at most kRun elements, from update_tile to
-// encode_tile, and whether the run reads them: every run while they keep codes. After a run that kept
-// fewer than a quarter of its vectors (early in training most codes move), only every 8th run does:
-// where nothing is kept, reading and checking the ranges in every run made steps 10-30% slower than
-// the bucket table alone, in every 8th 2-4% (docs/performance.md, "The old code's range").
+// Whether a run of at most kRun elements checks the old codes' ranges (Codebook::ranges,
+// KeepCodes): every run while they keep codes. After a run that kept fewer than a quarter of its
+// vectors (early in training most codes move), only every 8th run does: where nothing is kept,
+// checking the ranges in every run made steps 10-30% slower than the bucket table alone, in every 8th
+// 2-4% (docs/performance.md, "The old code's range").
 class RunRanges {
  public:
   explicit RunRanges(bool available) : available_(available) {}
-  void start_run() {
+  bool start_run() {
     on_ = available_ && skip_ == 0;
     if (skip_ > 0) --skip_;
+    return on_;
   }
-  // The ranges of the run's elements from `at` on, or null where the run does not read them.
-  float* lo(int64_t at) { return on_ ? lo_ + at : nullptr; }
-  float* hi(int64_t at) { return on_ ? hi_ + at : nullptr; }
   void end_run(int64_t kept, int64_t len) {  // kept: the vectors that kept their codes of the run's len elements
     if (on_ && 4 * kept * fVec::size() < len) skip_ = 7;
   }
 
  private:
-  static constexpr int64_t kSize =
-#if defined(CPU_CAPABILITY_AVX2)
-      kRun;
-#else
-      1;  // never read: only AVX2 Codebooks have ranges
-#endif
   bool available_, on_ = false;
   int skip_ = 0;
-  alignas(64) float lo_[kSize], hi_[kSize];
 };
+
+#if defined(CPU_CAPABILITY_AVX2)
+// update_tile's sink where the new scale is known (or predicted: step_run): a vector of new values
+// whose quotients all lie in their old codes' ranges keeps its codes, unwritten; any other is
+// encoded at once, through the bucket table. Counts the vectors kept.
+class KeepCodes {
+ public:
+  // codes and s: the tile's first code and new value (update_tile's i0 and s).
+  KeepCodes(const Codebook& book, uint8_t* codes, const float* s, float new_absmax)
+      : book_(book), codes_(codes), s_(s), div_(new_absmax, /*fast=*/false), scale_(new_absmax) {}
+  void operator()(int64_t e, const fVec& s, const fVec& lo, const fVec& hi) {
+    if (all_in_ranges(s, lo, hi, scale_)) {
+      ++kept_;
+    } else {
+      encode(e);
+    }
+  }
+  int64_t kept() const { return kept_; }
+
+ private:
+  // Out of the update's loop: inlined, the bucket table's constants took the registers of the
+  // update's, which went to the stack.
+  [[gnu::noinline, gnu::cold]] void encode(int64_t e) { encode_nearest_vec(book_, codes_ + e, s_ + e, div_); }
+
+  const Codebook& book_;
+  uint8_t* codes_;
+  const float* s_;
+  Quotient div_;
+  fVec scale_;
+  int64_t kept_ = 0;
+};
+
+// The number of elements of a tile of len that update_tile hands to its sink: those up to the last
+// whole decode width. The rest are encode_tile's.
+constexpr int64_t sunk_len(int64_t len) { return len / MapDecoder::kDecodeWidth * MapDecoder::kDecodeWidth; }
+#endif
 
 #if defined(CPU_CAPABILITY_AVX512)
 // The codes of the MapDecoder::kDecodeWidth values at s under div's scale: nearest rounding through
@@ -1512,13 +1547,7 @@ class RunRanges {
 // call once round_staged became a template (block-wise steps 0.62 -> 0.64 ns per element, one thread).
 __attribute__((always_inline)) inline void nearest_chunk(const Codebook& book, uint8_t* codes, const float* s,
                                                          const Quotient& div) {
-  for (int64_t e = 0; e < MapDecoder::kDecodeWidth; e += fVec::size()) {
-    LaneMask search;
-    store_codes(codes + e, book.nearest(div(fVec::loadu(s + e)), search));
-    if (any_lane(search)) {  // rare: x outside [0, 1] (NaN, Inf) or a crowded bucket
-      for (int64_t k = e; k < e + fVec::size(); ++k) codes[k] = book.nearest(normalize(s[k], div.absmax()));
-    }
-  }
+  for (int64_t e = 0; e < MapDecoder::kDecodeWidth; e += fVec::size()) encode_nearest_vec(book, codes + e, s + e, div);
 }
 
 #endif
@@ -1556,9 +1585,18 @@ void write_range(const Call& call, const Item& it, int64_t begin, int64_t end, f
   RunRanges ranges(book.has_ranges && !call.stochastic);
   for (int64_t i = begin; i < end; i += kRun) {
     const int64_t len = std::min(kRun, end - i);
-    ranges.start_run();
-    update_tile<T, true>(call, it, i, len, old_absmax, book, buf, ranges.lo(0), ranges.hi(0));
-    ranges.end_run(encode_tile(call, it, i, len, new_absmax, book, buf, ranges.lo(0), ranges.hi(0)), len);
+    if (ranges.start_run()) {
+#if defined(CPU_CAPABILITY_AVX2)
+      KeepCodes keep(book, it.codes + i, buf, new_absmax);
+      update_tile<T, true>(call, it, i, len, old_absmax, book, buf, keep);
+      const int64_t done = sunk_len(len);
+      encode_tile(call, it, i + done, len - done, new_absmax, book, buf + done);
+      ranges.end_run(keep.kept(), len);
+      continue;
+#endif
+    }
+    update_tile<T, true>(call, it, i, len, old_absmax, book, buf);
+    encode_tile(call, it, i, len, new_absmax, book, buf);
   }
 }
 
@@ -1625,12 +1663,71 @@ void step_block(const Call& call, const Item& it, int64_t begin, int64_t end, co
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX2)
+// The block's new value of element e (update_tile's, one element): what it offers the scale.
+template <typename T>
+float new_value(const Call& call, const Item& it, int64_t e, float old_absmax) {
+  const float raw = static_cast<float>(static_cast<const T*>(it.grad)[e]);
+  float s = dequantize(it.codes[e], call.qmap, old_absmax);
+  if (!skipped(raw, call.config)) {
+    const float p = static_cast<float>(static_cast<const T*>(it.param)[e]);
+    s = accumulate(s, effective_grad(raw, p, it.gnorm_scale, call.config));
+  }
+  return scale_candidate(s);
+}
+
+// The new scale that the block of len elements at b will most likely have: the largest new value
+// of the elements whose old code is one of Codebook::top_codes, as the block's largest element has
+// (it was encoded as x = 1 or -1). Once the sums have grown, another element seldom overtakes it.
+template <typename T>
+float predicted_scale(const Call& call, const Item& it, int64_t b, int64_t len, const Codebook& book) {
+  const uint8_t* codes = it.codes + b;
+  const float old_absmax = it.absmax[b / it.block];
+  const __m256i top0 = _mm256_set1_epi8(static_cast<char>(book.top_codes[0]));
+  const __m256i top1 = _mm256_set1_epi8(static_cast<char>(book.top_codes[1]));
+  float m = 0.0f;
+  int64_t e = 0;
+  for (; e + 32 <= len; e += 32) {
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + e));
+    uint32_t hits = static_cast<uint32_t>(
+        _mm256_movemask_epi8(_mm256_or_si256(_mm256_cmpeq_epi8(c, top0), _mm256_cmpeq_epi8(c, top1))));
+    for (; hits != 0; hits &= hits - 1) m = std::max(m, new_value<T>(call, it, b + e + __builtin_ctz(hits), old_absmax));
+  }
+  for (; e < len; ++e) {
+    if (codes[e] == book.top_codes[0] || codes[e] == book.top_codes[1]) m = std::max(m, new_value<T>(call, it, b + e, old_absmax));
+  }
+  return m;
+}
+
+// One block of len elements at b in one pass: update_tile with KeepCodes under the predicted scale,
+// which keeps the codes of a vector whose new x all lie in their old codes' ranges and encodes the
+// others at once. Where the prediction was wrong, every code is encoded again under the actual scale.
+// Returns the vectors kept (none where the prediction was wrong).
+template <typename T>
+int64_t step_block_keeping_codes(const Call& call, const Item& it, int64_t b, int64_t len, const Codebook& book,
+                                 float* buf) {
+  float& scale = it.absmax[b / it.block];
+  const float predicted = predicted_scale<T>(call, it, b, len, book);
+  KeepCodes keep(book, it.codes + b, buf, predicted);
+  scale = update_tile<T, true>(call, it, b, len, scale, book, buf, keep);
+  if (float_bits(scale) != float_bits(predicted)) {
+    encode_tile(call, it, b, len, scale, book, buf);
+    return 0;
+  }
+  const int64_t done = sunk_len(len);
+  encode_tile(call, it, b + done, len - done, scale, book, buf + done);
+  return keep.kept();
+}
+#endif
+
 // The blocks [begin, end), each at most kRun elements, a run at a time: every block of the run updated,
 // then every block encoded. A block's new scale is its update's lane maximum, a chain of dependent
 // steps that the block's encoding waits on, and each loop has its set-up; in a run the scales are
 // ready before the first encoding starts, and the set-up is spread over longer stretches of work.
 // (Intel Xeon, one thread, 65536 elements in L2: block-wise steps 0.88 -> 0.84 ns per element with
 // blocks of 256, 1.22 -> 0.93 with 64. On Zen 4, 2-4 blocks per run had helped 64-element blocks only.)
+// A run that checks the old codes' ranges (AVX2) goes block by block in one pass instead
+// (step_block_keeping_codes).
 template <typename T>
 void step_run(const Call& call, const Item& it, int64_t begin, int64_t end, const Codebook& book, float* buf) {
   const int64_t per = (kRun / it.block) * it.block;
@@ -1638,20 +1735,26 @@ void step_run(const Call& call, const Item& it, int64_t begin, int64_t end, cons
   RunRanges ranges(book.has_ranges && !call.stochastic);
   for (int64_t r = begin; r < end; r += per) {
     const int64_t r_end = std::min(end, r + per);
-    ranges.start_run();
+    if (ranges.start_run()) {
+#if defined(CPU_CAPABILITY_AVX2)
+      int64_t kept = 0;
+      for (int64_t b = r; b < r_end; b += it.block) {
+        kept += step_block_keeping_codes<T>(call, it, b, std::min(r_end, b + it.block) - b, book, buf);
+      }
+      ranges.end_run(kept, r_end - r);
+      continue;
+#endif
+    }
     int n = 0;
     for (int64_t b = r; b < r_end; b += it.block) {
       scales[n++] = update_tile<T, true>(call, it, b, std::min(r_end, b + it.block) - b, it.absmax[b / it.block], book,
-                                         buf + (b - r), ranges.lo(b - r), ranges.hi(b - r));
+                                         buf + (b - r));
     }
     n = 0;
-    int64_t kept = 0;
     for (int64_t b = r; b < r_end; b += it.block, ++n) {
-      kept += encode_tile(call, it, b, std::min(r_end, b + it.block) - b, scales[n], book, buf + (b - r),
-                          ranges.lo(b - r), ranges.hi(b - r));
+      encode_tile(call, it, b, std::min(r_end, b + it.block) - b, scales[n], book, buf + (b - r));
       it.absmax[b / it.block] = scales[n];
     }
-    ranges.end_run(kept, r_end - r);
   }
 }
 
