@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <deque>
 #include <limits>
 #include <memory>
@@ -381,7 +382,8 @@ class MapDecoder {
  public:
   static constexpr int64_t kWidth = 16;
   static constexpr int64_t kDecodeWidth = kWidth;
-  // A code's value and the x in [lo, hi] that round to it (Codebook::ranges).
+  // A code's value and (Codebook::ranges) the x in [lo, hi] that round to it (nearest rounding), or
+  // its neighbours' values (stochastic rounding).
   struct Range {
     float value, lo, hi, pad;
   };
@@ -772,9 +774,13 @@ struct Codebook {
   // code's where build_ranges keeps none). Read with the code's value when the code is decoded, they
   // let an encoder keep a code without the bucket table or a division: Adagrad's nearest codes seldom
   // move once the sums have grown (docs/performance.md).
+  // Stochastic rounding: each code's value and its neighbours', lo = q[c - 1] (q[0] for code 0) and
+  // hi = q[c + 1] (+Inf for code 255). A new x in [lo, hi) rounds between c - 1 and c or between c
+  // and c + 1, and which is known without the bucket table (round_tile); a stochastic code seldom
+  // lies further than one from the new x once the sums have grown.
   alignas(64) MapDecoder::Range ranges[kMapSize];
 #endif
-  bool has_ranges = false;  // ranges[] holds them (AVX2, nearest rounding)
+  bool has_ranges = false;  // ranges[] holds them (AVX2)
   // With ranges: the codes whose value has the map's largest magnitude (0 and 255 for a map from -1
   // to 1, else the one twice); the largest element of a block, x = 1 or -1, has one (predicted_scale).
   uint8_t top_codes[2] = {255, 255};
@@ -837,14 +843,24 @@ struct Codebook {
   // first whose code is c or more to just before the first whose code is c + 1 or more, each found by a
   // binary search over all floats but NaN in order (about 8000 calls of nearest(), 40 us). The lowest
   // code's range starts at -Inf and the highest's ends at +Inf. A map with an end among the subnormals
-  // keeps none: under denormals-are-zero the encoder's check (encode_tile) reads such an end as 0.
+  // keeps none: under denormals-are-zero the encoder's check (KeepCodes) reads such an end as 0.
+  // Stochastic rounding's neighbours need only a sorted map without subnormal values.
   void build_ranges(bool stochastic) {
     constexpr float kInf = std::numeric_limits<float>::infinity();
     for (int c = 0; c < kMapSize; ++c) ranges[c] = {q[c], kInf, -kInf, 0.0f};  // none
     decoder.set_ranges(ranges);
     bool sorted = true;
     for (int i = 0; i + 1 < kMapSize; ++i) sorted = sorted && q[i] <= q[i + 1];
-    if (stochastic || !sorted) return;
+    if (!sorted) return;
+    const auto subnormal = [](float x) { return x != 0.0f && std::fabs(x) < FLT_MIN; };
+    if (stochastic) {  // (the neighbours are compared with x, which denormals-are-zero would read as 0)
+      for (int c = 0; c < kMapSize; ++c) {
+        if (subnormal(q[c])) return;
+      }
+      for (int c = 0; c < kMapSize; ++c) ranges[c] = {q[c], q[c > 0 ? c - 1 : 0], q[c + 1], 0.0f};  // q[256]: +Inf
+      set_top_codes();
+      return;
+    }
     // Floats as unsigned keys in the floats' order: -Inf lowest, then ..., -0, +0, ..., +Inf.
     const auto key = [](float x) {
       const uint32_t b = float_bits(x);
@@ -863,7 +879,6 @@ struct Codebook {
       }
       first[c] = lo;
     }
-    const auto subnormal = [](float x) { return x != 0.0f && std::fabs(x) < FLT_MIN; };
     for (int c = 0; c < kMapSize; ++c) {
       if (first[c] < first[c + 1] && (subnormal(from_key(first[c])) || subnormal(from_key(first[c + 1] - 1)))) return;
     }
@@ -873,7 +888,12 @@ struct Codebook {
         ranges[c].hi = from_key(first[c + 1] - 1);
       }
     }
-    const float top = std::max(std::fabs(q[0]), std::fabs(q[kMapSize - 1]));  // (sorted)
+    set_top_codes();
+  }
+
+  // top_codes of a sorted map, and has_ranges.
+  void set_top_codes() {
+    const float top = std::max(std::fabs(q[0]), std::fabs(q[kMapSize - 1]));
     top_codes[0] = std::fabs(q[kMapSize - 1]) == top ? kMapSize - 1 : 0;
     top_codes[1] = std::fabs(q[0]) == top ? 0 : top_codes[0];
     has_ranges = true;
@@ -958,8 +978,9 @@ constexpr int64_t kRun = 1024;
 // scale lanes, updates them, stores the new accumulator values to out[0...] (WriteParams) and folds
 // them into vmax. Always inlined: GCC made it a call, and every call reloaded the step's constants
 // and the decoder, kept vmax in memory and cleared the upper registers (vzeroupper). Plain:
-// update_vec's. A sink (AVX2, WriteParams; RangeSink) is handed each stored vector of new values with
-// the old codes' ranges: sink(n, s, lo, hi) for the vector at out + n * fVec::size().
+// update_vec's. A sink (AVX2, WriteParams; KeepCodes, Neighbours) is handed each stored vector of new
+// values with the old codes' values and Codebook::ranges: sink(n, s, value, lo, hi) for the vector at
+// out + n * fVec::size().
 template <typename T, bool WriteParams, bool Plain = false, typename Sink = std::nullptr_t>
 __attribute__((always_inline)) inline void update_chunk(T* param, const T* grad, const uint8_t* codes, float* out,
                                                         int64_t j, const MapDecoder& map, const fVec& scale,
@@ -993,6 +1014,7 @@ __attribute__((always_inline)) inline void update_chunk(T* param, const T* grad,
 #pragma GCC unroll 2
     for (int q = 0; q < kParts<T>; ++q) {
       fVec& sq = sv[c0 / fVec::size() + q];
+      [[maybe_unused]] const fVec value = sq;
       sq = sq * scale;
       if constexpr (WriteParams) {
         update_vec<Plain>(p[q], g[q], sq, c, k);
@@ -1000,7 +1022,7 @@ __attribute__((always_inline)) inline void update_chunk(T* param, const T* grad,
 #if defined(CPU_CAPABILITY_AVX2)
         if constexpr (kRanges) {
           const int n = static_cast<int>(c0 / fVec::size()) + q;
-          sink(n, sq, lo[n], hi[n]);
+          sink(n, sq, value, lo[n], hi[n]);
         }
 #endif
       } else {  // the max pass keeps nothing but the max
@@ -1021,9 +1043,9 @@ inline float lane_max(const fVec& v) {  // the largest lane (lanes are finite)
 // WriteParams they go into s and the parameters are updated; without, s is scratch (the max
 // pass). Returns the largest finite new value (the block scale's candidate, ALGORITHM.md §6).
 //
-// With a sink (AVX2, Codebook::has_ranges; KeepCodes), each vector of new values s + e of the
-// elements up to the last whole MapDecoder::kDecodeWidth goes to sink(e, s, lo, hi) with the old
-// codes' ranges, once stored.
+// With a sink (AVX2, Codebook::has_ranges; KeepCodes, Neighbours), each vector of new values s + e of
+// the elements up to the last whole MapDecoder::kDecodeWidth goes to sink(e, s, value, lo, hi) with
+// the old codes' values and ranges, once stored.
 template <typename T, bool WriteParams, typename Sink = std::nullptr_t>
 float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, float old_absmax, const Codebook& book,
                   float* s, Sink&& sink = nullptr) {
@@ -1050,9 +1072,8 @@ float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, flo
         update_chunk<T, WriteParams, kPlain>(param, grad, codes, s + j, j, map, scale, c, k, read_params, vmax);
       } else {
         update_chunk<T, WriteParams, kPlain>(param, grad, codes, s + j, j, map, scale, c, k, read_params, vmax,
-                                             [&sink, j](int n, const fVec& sq, const fVec& lo, const fVec& hi) {
-                                               sink(j + n * fVec::size(), sq, lo, hi);
-                                             });
+                                             [&sink, j](int n, const fVec& sq, const fVec& value, const fVec& lo,
+                                                        const fVec& hi) { sink(j + n * fVec::size(), sq, value, lo, hi); });
       }
     }
   };
@@ -1514,7 +1535,7 @@ class KeepCodes {
   // codes and s: the tile's first code and new value (update_tile's i0 and s).
   KeepCodes(const Codebook& book, uint8_t* codes, const float* s, float new_absmax)
       : book_(book), codes_(codes), s_(s), div_(new_absmax, /*fast=*/false), scale_(new_absmax) {}
-  void operator()(int64_t e, const fVec& s, const fVec& lo, const fVec& hi) {
+  void operator()(int64_t e, const fVec& s, const fVec& /*value*/, const fVec& lo, const fVec& hi) {
     if (all_in_ranges(s, lo, hi, scale_)) {
       ++kept_;
     } else {
@@ -1539,6 +1560,92 @@ class KeepCodes {
 // The number of elements of a tile of len that update_tile hands to its sink: those up to the last
 // whole decode width. The rest are encode_tile's.
 constexpr int64_t sunk_len(int64_t len) { return len / MapDecoder::kDecodeWidth * MapDecoder::kDecodeWidth; }
+
+// round_tile's other vectors, element by element (index: the first's), out of its loop.
+[[gnu::noinline, gnu::cold]] inline void round_each(const Codebook& book, uint8_t* codes, const float* s,
+                                                    float new_absmax, uint64_t stream, int64_t index) {
+  for (int64_t k = 0; k < fVec::size(); ++k) {
+    codes[k] = book.stochastic(normalize(s[k], new_absmax), uniform_at(span_key(stream, index + k), index + k));
+  }
+}
+
+// Stochastic rounding of the first sunk_len(len) new values s of the elements at i0 under new_absmax,
+// with their old codes' values and neighbours (Codebook::ranges). A vector whose new x all lie in
+// [lo, hi) of their old codes c rounds between c - 1 and c where x < q[c], else between c and c + 1,
+// the neighbours' values at hand (quant.h's quantize_stochastic: the number of q[1..255] at most x is
+// c - 1 or c, at most 254); any other goes through the bucket table, element by element. Returns the
+// vectors of the first kind.
+inline int64_t round_tile(const Codebook& book, const Item& it, int64_t i0, int64_t len, float new_absmax,
+                          const float* s, const float* value, const float* lo, const float* hi) {
+  uint8_t* const codes = it.codes + i0;
+  const uint64_t stream = it.stream;
+  const Quotient div(new_absmax, /*fast=*/false);
+  const iVec iota = iVec::arange(0, 1), top(kMapSize - 1), one(1);
+  const int64_t n = sunk_len(len);
+  // The random numbers of one 2^32-element span (uniform_vec takes one; a tile across two goes element
+  // by element).
+  const bool one_span = (i0 >> 32) == ((i0 + n - 1) >> 32);
+  const uint32_t key = span_key(stream, i0);
+  int64_t kept = 0;
+  for (int64_t e = 0; e < n; e += fVec::size()) {
+    const int64_t i = i0 + e;
+    const fVec x = div(fVec::loadu(s + e)), v = fVec::loadu(value + e), l = fVec::loadu(lo + e),
+               h = fVec::loadu(hi + e);
+    if (!all_lanes((x >= l) & (x < h)) || !one_span) {
+      round_each(book, codes + e, s + e, new_absmax, stream, i);
+      continue;
+    }
+    ++kept;
+    const iVec c = load_codes(codes + e);
+    // (code 255: c - 1 only, as the reference caps the count at 254; it differs where q[254] = q[255])
+    const fVec up = (x >= v) & ~fVec(_mm256_castsi256_ps(c == top));
+    const fVec below = fVec::blendv(l, v, up), above = fVec::blendv(v, h, up);
+    const iVec count = c - one - bits_of(up);  // c where up (its lanes all ones: -1), else c - 1
+    store_codes(codes + e, round_up_where(count, x, below, above, uniform_vec(key, i, iota)));
+  }
+  return kept;
+}
+
+// The old codes' values and neighbours (Codebook::ranges) of a tile of at most kRun elements, for
+// stochastic rounding: stored by update_tile's sink (stash), read by round_tile once the scale is
+// known. Two passes, not one: the rounding's two divisions wait on the update's square root and
+// division, and in one loop too few elements were in flight to keep the divider busy (Zen 3, one
+// thread, 32768 elements: 1.98 -> 1.87 ns per element).
+struct Neighbours {
+  alignas(64) float value[kRun], lo[kRun], hi[kRun];
+  auto stash() {  // update_tile's sink
+    return [this](int64_t e, const fVec&, const fVec& v, const fVec& l, const fVec& h) {
+      v.store(value + e);
+      l.store(lo + e);
+      h.store(hi + e);
+    };
+  }
+  int64_t round(const Codebook& book, const Item& it, int64_t i0, int64_t len, float new_absmax, const float* s) const {
+    return round_tile(book, it, i0, len, new_absmax, s, value, lo, hi);
+  }
+};
+
+// The len elements (at most kRun) at i, updated, and their codes through Codebook::ranges: nearest
+// rounding under `scale` (known or predicted: KeepCodes in the update's loop), stochastic under
+// `scale` or, where none is given, the actual new scale (Neighbours, round_tile); then the tail's
+// through encode_tile. Returns the actual new scale (update_tile's); kept: the vectors the ranges
+// served.
+template <typename T>
+float update_and_encode(const Call& call, const Item& it, int64_t i, int64_t len, float old_absmax,
+                        std::optional<float> scale, const Codebook& book, float* buf, Neighbours& nb, int64_t& kept) {
+  float actual;
+  if (call.stochastic) {
+    actual = update_tile<T, true>(call, it, i, len, old_absmax, book, buf, nb.stash());
+    kept = nb.round(book, it, i, len, scale.value_or(actual), buf);
+  } else {
+    KeepCodes keep(book, it.codes + i, buf, scale.value());
+    actual = update_tile<T, true>(call, it, i, len, old_absmax, book, buf, keep);
+    kept = keep.kept();
+  }
+  const int64_t done = sunk_len(len);
+  encode_tile(call, it, i + done, len - done, scale.value_or(actual), book, buf + done);
+  return actual;
+}
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -1582,16 +1689,17 @@ void write_range(const Call& call, const Item& it, int64_t begin, int64_t end, f
     return;
   }
 #endif
-  RunRanges ranges(book.has_ranges && !call.stochastic);
+  RunRanges ranges(book.has_ranges);
+#if defined(CPU_CAPABILITY_AVX2)
+  Neighbours nb;
+#endif
   for (int64_t i = begin; i < end; i += kRun) {
     const int64_t len = std::min(kRun, end - i);
     if (ranges.start_run()) {
 #if defined(CPU_CAPABILITY_AVX2)
-      KeepCodes keep(book, it.codes + i, buf, new_absmax);
-      update_tile<T, true>(call, it, i, len, old_absmax, book, buf, keep);
-      const int64_t done = sunk_len(len);
-      encode_tile(call, it, i + done, len - done, new_absmax, book, buf + done);
-      ranges.end_run(keep.kept(), len);
+      int64_t kept;
+      update_and_encode<T>(call, it, i, len, old_absmax, new_absmax, book, buf, nb, kept);
+      ranges.end_run(kept, len);
       continue;
 #endif
     }
@@ -1699,24 +1807,26 @@ float predicted_scale(const Call& call, const Item& it, int64_t b, int64_t len, 
   return m;
 }
 
-// One block of len elements at b in one pass: update_tile with KeepCodes under the predicted scale,
-// which keeps the codes of a vector whose new x all lie in their old codes' ranges and encodes the
-// others at once. Where the prediction was wrong, every code is encoded again under the actual scale.
-// Returns the vectors kept (none where the prediction was wrong).
+// One block of len elements at b through update_and_encode: nearest rounding in one pass under the
+// predicted scale, and where the prediction was wrong every code encoded again under the actual
+// scale; stochastic rounding under the actual scale. Returns the vectors the ranges served (none where
+// the prediction was wrong).
 template <typename T>
-int64_t step_block_keeping_codes(const Call& call, const Item& it, int64_t b, int64_t len, const Codebook& book,
-                                 float* buf) {
+int64_t step_block_with_ranges(const Call& call, const Item& it, int64_t b, int64_t len, const Codebook& book,
+                               float* buf, Neighbours& nb) {
   float& scale = it.absmax[b / it.block];
+  int64_t kept;
+  if (call.stochastic) {
+    scale = update_and_encode<T>(call, it, b, len, scale, std::nullopt, book, buf, nb, kept);
+    return kept;
+  }
   const float predicted = predicted_scale<T>(call, it, b, len, book);
-  KeepCodes keep(book, it.codes + b, buf, predicted);
-  scale = update_tile<T, true>(call, it, b, len, scale, book, buf, keep);
+  scale = update_and_encode<T>(call, it, b, len, scale, predicted, book, buf, nb, kept);
   if (float_bits(scale) != float_bits(predicted)) {
     encode_tile(call, it, b, len, scale, book, buf);
     return 0;
   }
-  const int64_t done = sunk_len(len);
-  encode_tile(call, it, b + done, len - done, scale, book, buf + done);
-  return keep.kept();
+  return kept;
 }
 #endif
 
@@ -1726,20 +1836,22 @@ int64_t step_block_keeping_codes(const Call& call, const Item& it, int64_t b, in
 // ready before the first encoding starts, and the set-up is spread over longer stretches of work.
 // (Intel Xeon, one thread, 65536 elements in L2: block-wise steps 0.88 -> 0.84 ns per element with
 // blocks of 256, 1.22 -> 0.93 with 64. On Zen 4, 2-4 blocks per run had helped 64-element blocks only.)
-// A run that checks the old codes' ranges (AVX2) goes block by block in one pass instead
-// (step_block_keeping_codes).
+// A run that reads the old codes' ranges (AVX2) goes block by block instead (step_block_with_ranges).
 template <typename T>
 void step_run(const Call& call, const Item& it, int64_t begin, int64_t end, const Codebook& book, float* buf) {
   const int64_t per = (kRun / it.block) * it.block;
   float scales[kRun];
-  RunRanges ranges(book.has_ranges && !call.stochastic);
+  RunRanges ranges(book.has_ranges);
+#if defined(CPU_CAPABILITY_AVX2)
+  Neighbours nb;
+#endif
   for (int64_t r = begin; r < end; r += per) {
     const int64_t r_end = std::min(end, r + per);
     if (ranges.start_run()) {
 #if defined(CPU_CAPABILITY_AVX2)
       int64_t kept = 0;
       for (int64_t b = r; b < r_end; b += it.block) {
-        kept += step_block_keeping_codes<T>(call, it, b, std::min(r_end, b + it.block) - b, book, buf);
+        kept += step_block_with_ranges<T>(call, it, b, std::min(r_end, b + it.block) - b, book, buf, nb);
       }
       ranges.end_run(kept, r_end - r);
       continue;
