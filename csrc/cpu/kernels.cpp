@@ -765,7 +765,8 @@ struct Codebook {
   float q[kMapSize + 1];  // the map, then +Inf
   float mid[kMapSize];    // the 255 midpoints, then NaN (never below x, never equal)
   Buckets buckets;        // over mid (nearest) or over q[1..255] (stochastic)
-  bool sorted_nonneg;     // 0 <= q[0] <= q[1] <= ... <= q[255] (max_range's bound holds)
+  bool sorted;            // q[0] <= q[1] <= ... <= q[255]
+  bool sorted_nonneg;     // and 0 <= q[0] (max_range's bound holds)
 #if defined(CPU_CAPABILITY_AVX2)
   // q[i] and q[i + 1] side by side (q[256] is +Inf): stochastic rounding's two neighbours of a count
   // by one 8-byte load (round_staged).
@@ -816,8 +817,9 @@ struct Codebook {
 #if defined(CPU_CAPABILITY_AVX2)
     for (int i = 0; i < kMapSize; ++i) pairs[2 * i] = q[i], pairs[2 * i + 1] = q[i + 1];
 #endif
-    sorted_nonneg = q[0] >= 0.0f;
-    for (int i = 0; i + 1 < kMapSize; ++i) sorted_nonneg = sorted_nonneg && q[i] <= q[i + 1];
+    sorted = true;
+    for (int i = 0; i + 1 < kMapSize; ++i) sorted = sorted && q[i] <= q[i + 1];
+    sorted_nonneg = sorted && q[0] >= 0.0f;
     if (stochastic) {
       buckets.build(q + 1, kMapSize - 1, /*inclusive=*/true, false);
     } else {
@@ -849,8 +851,6 @@ struct Codebook {
     constexpr float kInf = std::numeric_limits<float>::infinity();
     for (int c = 0; c < kMapSize; ++c) ranges[c] = {q[c], kInf, -kInf, 0.0f};  // none
     decoder.set_ranges(ranges);
-    bool sorted = true;
-    for (int i = 0; i + 1 < kMapSize; ++i) sorted = sorted && q[i] <= q[i + 1];
     if (!sorted) return;
     const auto subnormal = [](float x) { return x != 0.0f && std::fabs(x) < FLT_MIN; };
     if (stochastic) {  // (the neighbours are compared with x, which denormals-are-zero would read as 0)
@@ -929,6 +929,11 @@ struct Codebook {
     return n < 0 ? quantize_nearest(x, mid) : static_cast<uint8_t>(n);
   }
 
+  // stochastic() with element `index`'s random number of the stream (rng.h).
+  uint8_t stochastic_at(float x, uint64_t stream, int64_t index) const {
+    return stochastic(x, uniform_at(span_key(stream, index), index));
+  }
+
   // quant.h's quantize_stochastic(x, q, u); lo is the number of q[1..255] that are <= x.
   uint8_t stochastic(float x, float u) const {
     const int n = buckets.count(x);
@@ -978,7 +983,7 @@ constexpr int64_t kRun = 1024;
 // scale lanes, updates them, stores the new accumulator values to out[0...] (WriteParams) and folds
 // them into vmax. Always inlined: GCC made it a call, and every call reloaded the step's constants
 // and the decoder, kept vmax in memory and cleared the upper registers (vzeroupper). Plain:
-// update_vec's. A sink (AVX2, WriteParams; KeepCodes, Neighbours) is handed each stored vector of new
+// update_vec's. A sink (AVX2, WriteParams; KeepCodes, Neighbours::stash) is handed each stored vector of new
 // values with the old codes' values and Codebook::ranges: sink(n, s, value, lo, hi) for the vector at
 // out + n * fVec::size().
 template <typename T, bool WriteParams, bool Plain = false, typename Sink = std::nullptr_t>
@@ -1039,11 +1044,27 @@ inline float lane_max(const fVec& v) {  // the largest lane (lanes are finite)
 }
 #endif
 
+// Element e's new accumulator value, as update_tile computes it (without updating the parameter).
+template <typename T>
+float new_sum(const Call& call, const Item& it, int64_t e, float old_absmax) {
+  const float raw = static_cast<float>(static_cast<const T*>(it.grad)[e]);
+  const float s = dequantize(it.codes[e], call.qmap, old_absmax);
+  if (skipped(raw, call.config)) return s;
+  const float p = call.config.weight_decay != 0.0f ? static_cast<float>(static_cast<const T*>(it.param)[e]) : 0.0f;
+  return accumulate(s, effective_grad(raw, p, it.gnorm_scale, call.config));
+}
+
+#ifdef ADAGRAD8_VECTOR_CODES
+// The elements of a tile of len that update_tile takes in vectors (and hands to its sink): those up to
+// the last whole decode width. The rest go element by element (and to encode_tile).
+constexpr int64_t sunk_len(int64_t len) { return len / MapDecoder::kDecodeWidth * MapDecoder::kDecodeWidth; }
+#endif
+
 // The new accumulator values of the len elements at i0, from codes under old_absmax. With
 // WriteParams they go into s and the parameters are updated; without, s is scratch (the max
 // pass). Returns the largest finite new value (the block scale's candidate, ALGORITHM.md §6).
 //
-// With a sink (AVX2, Codebook::has_ranges; KeepCodes, Neighbours), each vector of new values s + e of
+// With a sink (AVX2, Codebook::has_ranges; KeepCodes, Neighbours::stash), each vector of new values s + e of
 // the elements up to the last whole MapDecoder::kDecodeWidth goes to sink(e, s, value, lo, hi) with
 // the old codes' values and ranges, once stored.
 template <typename T, bool WriteParams, typename Sink = std::nullptr_t>
@@ -1061,13 +1082,17 @@ float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, flo
   const Lanes k(c, it);
   const fVec scale(old_absmax);
   fVec vmax(0.0f);
+#if defined(CPU_CAPABILITY_AVX2)
   // A local copy: the vector stores (which may alias anything) would otherwise make every chunk
-  // reload the decoder's pointers.
+  // reload the decoder's pointers. (AVX-512's decoder holds the map itself, 1-2 KB.)
   const MapDecoder map = book.decoder;
+#else
+  const MapDecoder& map = book.decoder;
+#endif
   const auto chunks = [&](auto plain) {
     constexpr bool kPlain = decltype(plain)::value;
     constexpr int64_t kWidth = MapDecoder::kDecodeWidth;
-    for (; j + kWidth <= len; j += kWidth) {
+    for (; j < sunk_len(len); j += kWidth) {
       if constexpr (std::is_same_v<std::decay_t<Sink>, std::nullptr_t>) {
         update_chunk<T, WriteParams, kPlain>(param, grad, codes, s + j, j, map, scale, c, k, read_params, vmax);
       } else {
@@ -1087,13 +1112,13 @@ float update_tile(const Call& call, const Item& it, int64_t i0, int64_t len, flo
   static_assert(std::is_same_v<std::decay_t<Sink>, std::nullptr_t>);
 #endif
   for (; j < len; ++j) {
-    float p = read_params ? static_cast<float>(param[j]) : 0.0f;
-    s[j] = dequantize(codes[j], qmap, old_absmax);
     if constexpr (WriteParams) {
+      float p = static_cast<float>(param[j]);
+      s[j] = dequantize(codes[j], qmap, old_absmax);
       update_one(p, static_cast<float>(grad[j]), s[j], c, it);
       param[j] = static_cast<T>(p);
-    } else if (!skipped(static_cast<float>(grad[j]), c)) {
-      s[j] = accumulate(s[j], effective_grad(static_cast<float>(grad[j]), p, it.gnorm_scale, c));
+    } else {
+      s[j] = new_sum<T>(call, it, i0 + j, old_absmax);
     }
     m = std::max(m, scale_candidate(s[j]));
   }
@@ -1368,7 +1393,7 @@ void encode_tile(const Item& it, int64_t i0, int64_t len, float new_absmax, cons
   const auto encode_one = [&book, codes, s, i0, new_absmax, stream](int64_t e) {
     const float x = normalize(s[e], new_absmax);
     if constexpr (Stochastic) {
-      codes[e] = book.stochastic(x, uniform_at(span_key(stream, i0 + e), i0 + e));
+      codes[e] = book.stochastic_at(x, stream, i0 + e);
     } else {
       codes[e] = book.nearest(x);
     }
@@ -1504,11 +1529,12 @@ inline void encode_tile(const Call& call, const Item& it, int64_t i0, int64_t le
   }
 }
 
-// Whether a run of at most kRun elements checks the old codes' ranges (Codebook::ranges,
-// KeepCodes): every run while they keep codes. After a run that kept fewer than a quarter of its
-// vectors (early in training most codes move), only every 8th run does: where nothing is kept,
-// checking the ranges in every run made steps 10-30% slower than the bucket table alone, in every 8th
-// 2-4% (docs/performance.md, "The old code's range").
+// Whether a run of at most kRun elements reads the old codes' ranges (Codebook::ranges: KeepCodes,
+// round_tile): every run while they serve most vectors. After a run where they served fewer than a
+// quarter (early in training most codes move), only every 8th run does: where they served none,
+// reading them in every run made nearest-rounded steps 10-30% slower than the bucket table alone, in
+// every 8th 2-4% (docs/performance.md, "The old code's range", measured before the one-pass
+// encoder).
 class RunRanges {
  public:
   explicit RunRanges(bool available) : available_(available) {}
@@ -1527,7 +1553,7 @@ class RunRanges {
 };
 
 #if defined(CPU_CAPABILITY_AVX2)
-// update_tile's sink where the new scale is known (or predicted: step_run): a vector of new values
+// update_tile's sink where the new scale is known (or predicted: step_block_with_ranges): a vector of new values
 // whose quotients all lie in their old codes' ranges keeps its codes, unwritten; any other is
 // encoded at once, through the bucket table. Counts the vectors kept.
 class KeepCodes {
@@ -1557,15 +1583,12 @@ class KeepCodes {
   int64_t kept_ = 0;
 };
 
-// The number of elements of a tile of len that update_tile hands to its sink: those up to the last
-// whole decode width. The rest are encode_tile's.
-constexpr int64_t sunk_len(int64_t len) { return len / MapDecoder::kDecodeWidth * MapDecoder::kDecodeWidth; }
 
 // round_tile's other vectors, element by element (index: the first's), out of its loop.
 [[gnu::noinline, gnu::cold]] inline void round_each(const Codebook& book, uint8_t* codes, const float* s,
                                                     float new_absmax, uint64_t stream, int64_t index) {
   for (int64_t k = 0; k < fVec::size(); ++k) {
-    codes[k] = book.stochastic(normalize(s[k], new_absmax), uniform_at(span_key(stream, index + k), index + k));
+    codes[k] = book.stochastic_at(normalize(s[k], new_absmax), stream, index + k);
   }
 }
 
@@ -1633,6 +1656,7 @@ struct Neighbours {
 template <typename T>
 float update_and_encode(const Call& call, const Item& it, int64_t i, int64_t len, float old_absmax,
                         std::optional<float> scale, const Codebook& book, float* buf, Neighbours& nb, int64_t& kept) {
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(len <= kRun && (call.stochastic || scale.has_value()));
   float actual;
   if (call.stochastic) {
     actual = update_tile<T, true>(call, it, i, len, old_absmax, book, buf, nb.stash());
@@ -1772,18 +1796,6 @@ void step_block(const Call& call, const Item& it, int64_t begin, int64_t end, co
 }
 
 #if defined(CPU_CAPABILITY_AVX2)
-// The block's new value of element e (update_tile's, one element): what it offers the scale.
-template <typename T>
-float new_value(const Call& call, const Item& it, int64_t e, float old_absmax) {
-  const float raw = static_cast<float>(static_cast<const T*>(it.grad)[e]);
-  float s = dequantize(it.codes[e], call.qmap, old_absmax);
-  if (!skipped(raw, call.config)) {
-    const float p = static_cast<float>(static_cast<const T*>(it.param)[e]);
-    s = accumulate(s, effective_grad(raw, p, it.gnorm_scale, call.config));
-  }
-  return scale_candidate(s);
-}
-
 // The new scale that the block of len elements at b will most likely have: the largest new value
 // of the elements whose old code is one of Codebook::top_codes, as the block's largest element has
 // (it was encoded as x = 1 or -1). Once the sums have grown, another element seldom overtakes it.
@@ -1799,10 +1811,14 @@ float predicted_scale(const Call& call, const Item& it, int64_t b, int64_t len, 
     const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + e));
     uint32_t hits = static_cast<uint32_t>(
         _mm256_movemask_epi8(_mm256_or_si256(_mm256_cmpeq_epi8(c, top0), _mm256_cmpeq_epi8(c, top1))));
-    for (; hits != 0; hits &= hits - 1) m = std::max(m, new_value<T>(call, it, b + e + __builtin_ctz(hits), old_absmax));
+    for (; hits != 0; hits &= hits - 1) {
+      m = std::max(m, scale_candidate(new_sum<T>(call, it, b + e + __builtin_ctz(hits), old_absmax)));
+    }
   }
   for (; e < len; ++e) {
-    if (codes[e] == book.top_codes[0] || codes[e] == book.top_codes[1]) m = std::max(m, new_value<T>(call, it, b + e, old_absmax));
+    if (codes[e] == book.top_codes[0] || codes[e] == book.top_codes[1]) {
+      m = std::max(m, scale_candidate(new_sum<T>(call, it, b + e, old_absmax)));
+    }
   }
   return m;
 }
@@ -1935,7 +1951,7 @@ void step_run_pipelined(const Call& call, const Item& it, int64_t begin, int64_t
         for (; redo != 0; redo &= redo - 1) {
           for (int64_t e = W * __builtin_ctzll(redo), g_end = e + W; e < g_end; ++e) {
             const float x = normalize(prev_s[e], prev_scale);
-            prev_codes[e] = book.stochastic(x, uniform_at(span_key(it.stream, prev + e), prev + e));
+            prev_codes[e] = book.stochastic_at(x, it.stream, prev + e);
           }
         }
       }
